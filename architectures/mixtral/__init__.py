@@ -1,0 +1,52 @@
+"""Mixtral: the Mistral graph with each MLP replaced by a sparse mixture of SiLU-gated experts."""
+
+from exlcore.architectures import llama
+from exlcore.config import ModelConfig, need
+from exlcore.hookspecs import hookimpl
+from exlcore.layers import SparseMoE
+from exlcore.model import Model
+from exlcore.spec import ArchitectureSpec, Calibration
+
+
+def parse_config(raw: dict, architecture: str) -> ModelConfig:
+    cfg = llama.parse_config(raw, architecture)
+    cfg.num_experts = need(raw, "num_local_experts")
+    cfg.num_experts_per_tok = need(raw, "num_experts_per_tok")
+    return cfg
+
+
+def moe(prefix: str, c: ModelConfig) -> SparseMoE:
+    return SparseMoE(f"{prefix}.block_sparse_moe", c.hidden_size, c.intermediate_size, c.num_experts,
+                     c.num_experts_per_tok, c.hidden_act)
+
+
+def build(c: ModelConfig) -> Model:
+    return llama.build(c, mlp=moe)
+
+
+SPEC = ArchitectureSpec(
+    names=("MixtralForCausalLM",),
+    parse_config=parse_config,
+    build=build,
+    calibration=Calibration(
+        shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
+        all_experts_see_tokens=True,
+        keep_unquantized=("embed_tokens", "block_sparse_moe.gate"),
+    ),
+)
+
+
+@hookimpl
+def register_architectures(register):
+    register(SPEC)
+
+
+MISTRAL = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@hookimpl
+def register_chat_templates(register):
+    register("mistral", MISTRAL)

@@ -1,0 +1,113 @@
+"""config.json -> a typed ModelConfig. Architecture plugins call `parse_common` and fill in what is theirs."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exlcore.errors import ExlError
+from exlcore.rope import RopeConfig, parse_rope
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    torch_dtype: str | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    # Per-layer attention kind, "full_attention" or "sliding_attention" (transformers' names).
+    layer_types: list[str] = field(default_factory=list)
+    sliding_window: int | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    rope_local: RopeConfig | None = None  # Gemma 3's sliding layers rotate with their own base
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise ExlError(f"{folder}: no such model folder; pass a folder holding config.json and *.safetensors")
+    if not path.is_file():
+        raise ExlError(f"{path}: missing; a model folder needs its config.json from the original model")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExlError(f"{path}: not valid JSON ({e}); restore the original config.json") from None
+    if not isinstance(raw, dict):
+        raise ExlError(f"{path}: expected a JSON object; restore the original config.json")
+    return raw
+
+
+def architecture_of(raw: dict, folder: Path) -> str:
+    archs = raw.get("architectures")
+    if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise ExlError(f"{folder / 'config.json'}: no 'architectures' list; add e.g. \"architectures\": [\"LlamaForCausalLM\"]")
+    return archs[0]
+
+
+def need(raw: dict, key: str, kind=int):
+    if key not in raw or raw[key] is None:
+        raise ExlError(f"config.json: missing required key {key!r}; restore the original config.json")
+    try:
+        return kind(raw[key])
+    except (TypeError, ValueError):
+        raise ExlError(f"config.json: {key!r} = {raw[key]!r} is not a valid {kind.__name__}") from None
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def parse_common(raw: dict, architecture: str, **overrides) -> ModelConfig:
+    """The fields every decoder-only transformer shares, under their Hugging Face names."""
+    hidden = need(raw, "hidden_size")
+    heads = need(raw, "num_attention_heads")
+    layers = need(raw, "num_hidden_layers")
+    window = raw.get("sliding_window")
+    cfg = ModelConfig(
+        architecture=architecture,
+        vocab_size=need(raw, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=need(raw, "intermediate_size"),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or hidden // heads),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        rope=parse_rope(raw),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=bool(raw.get("attention_bias", False)),
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        hidden_act=raw.get("hidden_act") or raw.get("hidden_activation") or "silu",
+        torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=_ids(raw.get("eos_token_id")),
+        layer_types=list(raw.get("layer_types") or ["full_attention"] * layers),
+        sliding_window=int(window) if window else None,
+        raw=raw,
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    if len(cfg.layer_types) != cfg.num_layers:
+        raise ExlError(f"config.json: layer_types has {len(cfg.layer_types)} entries for {layers} layers")
+    return cfg

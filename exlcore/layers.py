@@ -1,0 +1,131 @@
+"""Core components other than attention. Each is keyed by its checkpoint tensor prefix and reads its own
+tensors in `load`, so an architecture's module graph is also its tensor-name map."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exlcore.weights import Weights
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). The stored format is chosen from the tensors the checkpoint holds."""
+
+    def __init__(self, key: str, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.key, self.in_features, self.out_features, self.has_bias = key, in_features, out_features, bias
+        self.weight = self.bias = None
+
+    def load(self, w: Weights, dtype: torch.dtype):
+        self.weight = w.get(f"{self.key}.weight", (self.out_features, self.in_features), dtype)
+        if self.has_bias:
+            self.bias = w.get(f"{self.key}.bias", (self.out_features,), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, key: str, vocab_size: int, hidden_size: int, scale: float | None = None):
+        super().__init__()
+        self.key, self.vocab_size, self.hidden_size, self.scale = key, vocab_size, hidden_size, scale
+        self.weight = None
+
+    def load(self, w: Weights, dtype: torch.dtype):
+        self.weight = w.get(f"{self.key}.weight", (self.vocab_size, self.hidden_size), dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.weight)
+        if self.scale is not None:
+            # Gemma multiplies by sqrt(hidden) rounded to the activation dtype, as its reference does.
+            x = x * torch.tensor(self.scale, dtype=x.dtype)
+        return x
+
+
+class RMSNorm(nn.Module):
+    """Computed in fp32. `offset` is 1.0 for Gemma, whose checkpoints store w - 1."""
+
+    def __init__(self, key: str, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.key, self.dim, self.eps, self.offset = key, dim, eps, offset
+        self.weight = None
+
+    def load(self, w: Weights, dtype: torch.dtype):
+        self.weight = w.get(f"{self.key}.weight", (self.dim,), torch.float32) + self.offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight).to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x))."""
+
+    def __init__(self, key: str, hidden: int, intermediate: int, act: str = "silu", bias: bool = False,
+                 names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
+        super().__init__()
+        self.act = ACTIVATIONS[act]
+        self.gate = Linear(f"{key}.{names[0]}", hidden, intermediate, bias)
+        self.up = Linear(f"{key}.{names[1]}", hidden, intermediate, bias)
+        self.down = Linear(f"{key}.{names[2]}", intermediate, hidden, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts: softmax over all router logits in fp32, keep the top k, renormalise them
+    to sum to one (Mixtral), and mix the chosen experts' outputs."""
+
+    def __init__(self, key: str, hidden: int, intermediate: int, num_experts: int, top_k: int,
+                 act: str = "silu", router: str = "gate", expert: str = "experts.{e}",
+                 names: tuple[str, str, str] = ("w1", "w3", "w2")):
+        super().__init__()
+        self.top_k = top_k
+        self.router = Linear(f"{key}.{router}", hidden, num_experts)
+        self.experts = nn.ModuleList(
+            GatedMLP(f"{key}.{expert.format(e=e)}", hidden, intermediate, act, names=names) for e in range(num_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            rows, slot = torch.where(chosen == e)
+            out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None])
+        return out.reshape(shape)
+
+
+class Head(nn.Module):
+    """The output projection, optionally tied to the embedding, with optional final soft-capping."""
+
+    def __init__(self, linear: Linear, tied_to: Embedding | None = None, softcap: float | None = None):
+        super().__init__()
+        self.linear, self.softcap = linear, softcap
+        self.tied_to = [tied_to]  # a list keeps the embedding out of this module's children
+
+    def load(self, w: Weights, dtype: torch.dtype):
+        embedding = self.tied_to[0]
+        if embedding is None:
+            self.linear.load(w, dtype)
+        else:
+            self.linear.weight = embedding.weight  # shared storage, not a copy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(x).float()
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits

@@ -1,0 +1,82 @@
+"""The decoder: an embedding, a stack of blocks, a final norm and a head, plus loading."""
+
+import torch
+from torch import nn
+
+from exlcore.attention import Attention
+from exlcore.cache import KVCache
+from exlcore.config import ModelConfig
+from exlcore.errors import ExlError
+from exlcore.layers import Embedding, Head, RMSNorm
+from exlcore.weights import Weights
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x += mlp(norm(x + attn(norm(x)))). The optional post-norms make Gemma 2/3's
+    sandwich form. Architectures with another block shape supply their own module with the same forward."""
+
+    def __init__(self, attn_norm: nn.Module, attn: Attention, mlp_norm: nn.Module, mlp: nn.Module,
+                 post_attn_norm: nn.Module | None = None, post_mlp_norm: nn.Module | None = None):
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+        self.post_attn_norm, self.post_mlp_norm = post_attn_norm, post_mlp_norm
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, dtype: torch.dtype):
+        h = self.attn(self.attn_norm(x).to(dtype), positions, cache)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h.to(x.dtype)
+        h = self.mlp(self.mlp_norm(x).to(dtype))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h.to(x.dtype)
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig, embed: Embedding, layers: list[nn.Module], norm: RMSNorm, head: Head,
+                 residual_fp32_with_fp16: bool = False):
+        super().__init__()
+        self.config, self.embed, self.layers, self.norm, self.head = config, embed, nn.ModuleList(layers), norm, head
+        # Gemma overflows fp16 activations; its residual stream then runs in fp32.
+        self.residual_fp32_with_fp16 = residual_fp32_with_fp16
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
+        self.tokenizer = None
+        self.generation_eos: list[int] = []
+
+    def load(self, w: Weights, dtype: torch.dtype):
+        """Every component that defines `load` reads its own tensors and those of its children."""
+        self.dtype, self.device = dtype, w.device
+
+        def visit(module: nn.Module):
+            if module is not self and hasattr(module, "load"):
+                module.load(w, dtype)
+            else:
+                for child in module.children():
+                    visit(child)
+
+        visit(self)
+
+    def residual_dtype(self) -> torch.dtype:
+        return torch.float32 if self.residual_fp32_with_fp16 and self.dtype == torch.float16 else self.dtype
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab) float32 logits. With a cache, continues from cache.length."""
+        input_ids = input_ids.to(self.device)
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ExlError(f"context overflow: {start + T} tokens exceed the cache's {cache.max_len}; raise max_seq_len")
+        positions = torch.arange(start, start + T, device=self.device).expand(B, T)
+        x = self.embed(input_ids).to(self.residual_dtype())
+        for layer in self.layers:
+            x = layer(x, positions, cache, self.dtype)
+        if cache is not None:
+            cache.length += T
+        return self.head(self.norm(x).to(self.dtype))
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        c = self.config
+        max_len = max_len or c.max_position_embeddings
+        return KVCache(len(self.layers), batch, max_len, c.num_kv_heads, c.head_dim, self.device, self.dtype)

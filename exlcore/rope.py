@@ -1,0 +1,126 @@
+"""Rotary position embeddings: default, linear, dynamic NTK, llama3 and yarn frequency schedules."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from exlcore.errors import ExlError
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    original_max_position: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn
+
+
+KNOWN_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def parse_rope(raw: dict, layer_type: str | None = None) -> RopeConfig:
+    """Read rope settings from either transformers 5's `rope_parameters` (optionally keyed by layer
+    type) or the older `rope_theta` + `rope_scaling` pair that most hub checkpoints carry."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and layer_type in params:
+        params = params[layer_type]
+    if not isinstance(params, dict):
+        params = dict(raw.get("rope_scaling") or {})
+        params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in KNOWN_TYPES:
+        raise ExlError(f"config.json: rope type {kind!r} is not supported (supported: {', '.join(KNOWN_TYPES)})")
+    orig = params.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+    return RopeConfig(
+        theta=float(params.get("rope_theta", raw.get("rope_theta", 10000.0))),
+        type=kind,
+        factor=float(params.get("factor", 1.0)),
+        original_max_position=int(orig) if orig else None,
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        beta_fast=float(params.get("beta_fast", 32.0)),
+        beta_slow=float(params.get("beta_slow", 1.0)),
+        attention_factor=params.get("attention_factor"),
+    )
+
+
+def inv_frequencies(cfg: RopeConfig, dim: int, seq_len: int = 0) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (dim/2,) in fp32 and the factor cos/sin are scaled by."""
+    base = cfg.theta
+    if cfg.type == "dynamic" and cfg.original_max_position and seq_len > cfg.original_max_position:
+        # NTK-aware: grow the base once the sequence outruns the trained context.
+        ratio = cfg.factor * seq_len / cfg.original_max_position - (cfg.factor - 1)
+        base = base * ratio ** (dim / (dim - 2))
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    if cfg.type == "linear":
+        return inv / cfg.factor, 1.0
+    if cfg.type == "llama3":
+        return _llama3(inv, cfg), 1.0
+    if cfg.type == "yarn":
+        return _yarn(inv, cfg, dim)
+    return inv, 1.0
+
+
+def _llama3(inv: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between blended smoothly.
+    orig = cfg.original_max_position
+    low_wavelen = orig / cfg.low_freq_factor
+    high_wavelen = orig / cfg.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / cfg.factor, inv)
+    smooth = (orig / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+    blended = (1 - smooth) * scaled / cfg.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def _yarn(inv: torch.Tensor, cfg: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
+    orig = cfg.original_max_position
+    attn = cfg.attention_factor if cfg.attention_factor is not None else 0.1 * math.log(cfg.factor) + 1.0
+
+    def correction(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(cfg.theta))
+
+    low = max(math.floor(correction(cfg.beta_fast)), 0)
+    high = min(math.ceil(correction(cfg.beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    return inv / cfg.factor * (1 - extrapolate) + inv * extrapolate, float(attn)
+
+
+class Rotary:
+    """cos/sin tables for one rope schedule, grown on demand, cached per device."""
+
+    def __init__(self, cfg: RopeConfig, dim: int):
+        self.cfg, self.dim = cfg, dim
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin of shape (B, 1, T, dim), rotate-half layout."""
+        needed = int(positions.max()) + 1
+        if self.cfg.type == "dynamic":
+            return self._compute(positions, needed, dtype)
+        if self._table is None or self._table[0].shape[0] < needed or self._table[0].device != positions.device:
+            size = max(needed, 4096)
+            cos, sin = self._compute(torch.arange(size, device=positions.device)[None], size, torch.float32)
+            self._table = (cos[0, 0], sin[0, 0])
+        cos, sin = self._table
+        return cos[positions].to(dtype)[:, None], sin[positions].to(dtype)[:, None]
+
+    def _compute(self, positions, seq_len, dtype):
+        inv, scale = inv_frequencies(self.cfg, self.dim, seq_len)
+        freqs = positions[..., None].float() * inv.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

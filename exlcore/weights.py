@@ -1,0 +1,91 @@
+"""Lazy tensor access over a folder of safetensors files, with clear errors for damaged files.
+
+Every `*.safetensors` file in the folder is indexed from its header, so single files, shards with an
+index and shards without one (as EXL2 writes them) all load the same way; index files are not needed.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from exlcore.errors import ExlError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_header(path: Path) -> dict:
+    """The safetensors header of one file, checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ExlError(f"{path}: truncated safetensors file ({size} bytes); re-download or re-convert it")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ExlError(f"{path}: corrupt or truncated safetensors header; re-download or re-convert it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ExlError(f"{path}: corrupt safetensors header (not JSON); re-download or re-convert it") from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ExlError(
+            f"{path}: truncated safetensors file (needs {8 + n + end} bytes, has {size}); re-download or re-convert it"
+        )
+    return header
+
+
+class Weights:
+    """Tensors by name across every safetensors file of a folder, read only when asked for."""
+
+    def __init__(self, folder: Path, device: str | torch.device = "cpu"):
+        self.folder = Path(folder)
+        self.device = torch.device(device)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise ExlError(f"{self.folder}: no *.safetensors files; download the model's weights into this folder")
+        self.index: dict[str, tuple[Path, dict]] = {}
+        for path in files:
+            for key, info in read_header(path).items():
+                self.index[key] = (path, info)
+        self._handles = {}
+        self.used: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def keys(self):
+        return self.index.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.index[key][1]["shape"])
+
+    def get(self, key: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor onto the target device; floats are cast to `dtype` when given."""
+        if key not in self.index:
+            raise ExlError(f"{self.folder}: tensor {key!r} not found in any *.safetensors file; the checkpoint is incomplete")
+        path, info = self.index[key]
+        if shape is not None and tuple(info["shape"]) != tuple(shape):
+            raise ExlError(
+                f"{path.name}: tensor {key!r} has shape {tuple(info['shape'])}, expected {tuple(shape)} "
+                f"from config.json; the weights and config.json do not belong together"
+            )
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        tensor = self._handles[path].get_tensor(key)
+        self.used.add(key)
+        tensor = tensor.to(self.device)  # cast after the move: the GPU does it faster
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor
+
+    def close(self):
+        self._handles.clear()

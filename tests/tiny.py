@@ -1,0 +1,51 @@
+"""Tiny random-weight Hugging Face models, saved with transformers, for comparing exlcore against it."""
+
+import shutil
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=0, eos_token_id=2,
+              pad_token_id=0)
+
+# name -> (transformers config class name, overrides). Each exercises a feature the issue lists.
+CONFIGS = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama_tied_llama3": ("LlamaConfig", dict(tie_word_embeddings=True, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "llama_linear_rope": ("LlamaConfig", dict(rope_scaling=dict(rope_type="linear", factor=4.0))),
+    "llama_dynamic_rope": ("LlamaConfig", dict(max_position_embeddings=24, rope_scaling=dict(rope_type="dynamic", factor=2.0))),
+    "llama_yarn_rope": ("LlamaConfig", dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64))),
+    "llama_bias_mha": ("LlamaConfig", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
+    "mistral_sliding": ("MistralConfig", dict(sliding_window=8)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "gemma": ("GemmaConfig", dict(hidden_act="gelu_pytorch_tanh")),
+    "gemma2": ("Gemma2Config", dict(sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                    query_pre_attn_scalar=24)),
+    "gemma3": ("Gemma3TextConfig", dict(sliding_window=8, sliding_window_pattern=2, final_logit_softcapping=6.0,
+                                        query_pre_attn_scalar=16, rope_scaling=dict(rope_type="linear", factor=8.0))),
+}
+ARCHITECTURE = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
+                "MixtralConfig": "MixtralForCausalLM", "GemmaConfig": "GemmaForCausalLM",
+                "Gemma2Config": "Gemma2ForCausalLM", "Gemma3TextConfig": "Gemma3ForCausalLM",
+                "Qwen2Config": "Qwen2ForCausalLM"}
+
+
+def make_tiny(name: str, folder: Path, tokenizer_dir: Path, config_class: str | None = None, **overrides):
+    """Save a seeded random model to `folder` (with the tiny tokenizer) and return the transformers model."""
+    import transformers
+
+    if config_class is None:
+        config_class, overrides = CONFIGS[name][0], {**CONFIGS[name][1], **overrides}
+    cfg = getattr(transformers, config_class)(**{**COMMON, **overrides})
+    torch.manual_seed(sum(map(ord, name)))
+    model = getattr(transformers, ARCHITECTURE[config_class])(cfg).eval()
+    with torch.no_grad():  # weights large enough that logits are well separated (no argmax near-ties)
+        for n, p in model.named_parameters():
+            p.normal_(0.0, 0.5 if "norm" in n else 0.15)
+    model.save_pretrained(folder)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    return model
