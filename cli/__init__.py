@@ -1,0 +1,39 @@
+"""The `exl` command: parse arguments, call the library, print. User errors are one line and exit 1."""
+
+import argparse
+import sys
+
+from exlcore.errors import ExlError
+
+
+def parser() -> argparse.ArgumentParser:
+    from exlcore import plugins
+    from exlcore.cli import generate, inspect
+
+    p = argparse.ArgumentParser(prog="exl", description="Quantize and run LLMs (EXL2/EXL3) with exlcore.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (generate, inspect):
+        module.register(sub)
+    plugins.manager().hook.register_commands(subparsers=sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ExlError as e:
+        print(f"exl: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("exl: error: out of memory; use a smaller model, --max-seq-len or --dtype float16", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "out of memory" not in str(e):
+            raise
+        print(f"exl: error: out of GPU memory ({str(e).splitlines()[0]}); use a smaller model or --max-seq-len",
+              file=sys.stderr)
+        return 1

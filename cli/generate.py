@@ -1,0 +1,71 @@
+"""`exl generate` (one prompt) and `exl chat` (multi-turn, the model's chat template, streamed)."""
+
+import sys
+
+from exlcore.cli.options import add_model_args, add_sampling_args, load_model, sampling_kwargs
+from exlcore.errors import ExlError
+
+
+def register(sub):
+    p = sub.add_parser("generate", help="continue a prompt")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    add_sampling_args(p, temperature=0.0)
+    p.set_defaults(func=generate)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal")
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--mode", default=None, help="force a registered prompt format (e.g. chatml, llama3, gemma)")
+    add_sampling_args(p, temperature=0.7)
+    p.set_defaults(func=chat)
+
+
+def _stream(gen, prompt, args, add_bos=None) -> str:
+    pieces = []
+    for piece in gen.stream(prompt, add_bos=add_bos, **sampling_kwargs(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        pieces.append(piece)
+    s = gen.stats
+    print(f"\n[{s.prompt_tokens} prompt tokens ({s.cached_tokens} cached), {s.new_tokens} new, "
+          f"{s.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    return "".join(pieces)
+
+
+def generate(args):
+    import exlcore
+
+    model = load_model(args)
+    _stream(exlcore.Generator(model, args.max_seq_len), args.prompt, args)
+
+
+def chat(args):
+    import exlcore
+    from exlcore import plugins
+
+    template = None
+    if args.mode is not None:
+        templates = plugins.chat_templates()
+        if args.mode not in templates:
+            raise ExlError(f"--mode {args.mode!r} is unknown; registered modes: {', '.join(sorted(templates))}")
+        template = templates[args.mode]
+    model = load_model(args)
+    tok = model.tokenizer
+    if template is None and tok.chat_template is None:
+        raise ExlError(f"{args.model}: the model has no chat template; pick one with --mode")
+    gen = exlcore.Generator(model, args.max_seq_len)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, template=template)
+        messages.append({"role": "assistant", "content": _stream(gen, prompt, args, add_bos=False).strip()})

@@ -1,0 +1,99 @@
+"""Bad input: the API raises ExlError naming the file or tensor, and the CLI prints one line and exits 1."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import exlcore
+from exlcore.cli import main
+from tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, tiny_tokenizer_dir):
+    folder = tmp_path_factory.mktemp("good")
+    make_tiny("llama", folder, tiny_tokenizer_dir)
+    return folder
+
+
+def damaged(good, tmp_path, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(good, folder)
+    damage(folder)
+    return folder
+
+
+def truncate(folder):
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+
+
+def corrupt_header(folder):
+    f = folder / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"not json at "
+    f.write_bytes(bytes(data))
+
+
+def wrong_shape(folder):
+    f = folder / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:100].clone()
+    save_file(tensors, f)
+
+
+def missing_tensor(folder):
+    f = folder / "model.safetensors"
+    tensors = load_file(f)
+    del tensors["model.layers.2.self_attn.o_proj.weight"]
+    save_file(tensors, f)
+
+
+def set_config(**changes):
+    def damage(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(changes)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return damage
+
+
+CASES = {
+    "no config": (lambda f: (f / "config.json").unlink(), r"config.json: missing"),
+    "malformed config": (lambda f: (f / "config.json").write_text("{oops"), r"config.json: not valid JSON"),
+    "unknown architecture": (set_config(architectures=["FooForCausalLM"]),
+                             r"unknown architecture 'FooForCausalLM' \(known: .*LlamaForCausalLM.*\); install a plugin"),
+    "config missing key": (set_config(hidden_size=None), r"missing required key 'hidden_size'"),
+    "no weights": (lambda f: (f / "model.safetensors").unlink(), r"no \*\.safetensors files"),
+    "truncated": (truncate, r"model.safetensors: truncated safetensors file"),
+    "corrupt header": (corrupt_header, r"model.safetensors: corrupt safetensors header"),
+    "wrong shape": (wrong_shape, r"'model.layers.1.mlp.up_proj.weight' has shape \(100, 64\), expected \(128, 64\)"),
+    "missing tensor": (missing_tensor, r"'model.layers.2.self_attn.o_proj.weight' not found"),
+    "no tokenizer": (lambda f: (f / "tokenizer.json").unlink(), r"no tokenizer.json or tokenizer.model"),
+    "bad rope": (set_config(rope_parameters={"rope_type": "wobbly", "rope_theta": 1e4}), r"rope type 'wobbly'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_api_raises_one_exception_type(case, good, tmp_path):
+    damage, message = CASES[case]
+    with pytest.raises(exlcore.ExlError, match=message):
+        exlcore.load(damaged(good, tmp_path, damage), device="cpu")
+
+
+@pytest.mark.parametrize("case", ["truncated", "unknown architecture", "no tokenizer", "wrong shape"])
+def test_cli_prints_one_line(case, good, tmp_path, capsys):
+    folder = damaged(good, tmp_path, CASES[case][0])
+    assert main(["generate", "-m", str(folder), "-p", "hi", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("exl: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_folder_and_bad_options(tmp_path, good, capsys):
+    assert main(["info", "-m", str(tmp_path / "nope")]) == 1
+    assert "no such model folder" in capsys.readouterr().err
+    assert main(["generate", "-m", str(good), "-p", "hi", "--dtype", "float8"]) == 1
+    assert "dtype 'float8' is not supported" in capsys.readouterr().err
+    assert main(["chat", "-m", str(good), "--mode", "nonesuch", "--device", "cpu"]) == 1
+    assert "--mode 'nonesuch' is unknown; registered modes: " in capsys.readouterr().err
