@@ -1,0 +1,65 @@
+"""Generator behaviour on a tiny model: streaming, stop strings and ids, prefix reuse, seeds."""
+
+import pytest
+import torch
+
+import exlcore
+from tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tiny_tokenizer_dir):
+    folder = tmp_path_factory.mktemp("llama")
+    make_tiny("llama", folder, tiny_tokenizer_dir)
+    return exlcore.load(folder, device="cpu")
+
+
+def test_stream_pieces_make_the_generated_text(model):
+    gen = exlcore.Generator(model, max_seq_len=128)
+    pieces = list(gen.stream("Once upon a time", max_new_tokens=40, temperature=0, stop=[]))
+    ids = list(exlcore.Generator(model, max_seq_len=128).tokens(model.tokenizer.encode("Once upon a time"),
+                                                                 max_new_tokens=40, temperature=0))
+    assert len(pieces) > 1
+    assert "".join(pieces) == model.tokenizer.decode(ids)
+
+
+def test_stop_string_ends_output_before_it(model):
+    gen = exlcore.Generator(model, max_seq_len=128)
+    full = gen.generate("Once upon a time", max_new_tokens=40, temperature=0)
+    stop = full[10:13]
+    cut = gen.generate("Once upon a time", max_new_tokens=40, temperature=0, stop=[stop])
+    assert gen.stats.stop_reason == "stop_string"
+    assert cut == full[: full.index(stop)]
+
+
+def test_stop_token_id(model):
+    gen = exlcore.Generator(model, max_seq_len=128)
+    ids = list(gen.tokens(model.tokenizer.encode("Once upon a time"), max_new_tokens=20, temperature=0))
+    out = list(gen.tokens(model.tokenizer.encode("Once upon a time"), max_new_tokens=20, temperature=0,
+                          stop_ids={ids[5]}))
+    assert out == ids[: ids.index(ids[5])] and gen.stats.stop_reason == "eos"
+    assert gen.stats.new_tokens == len(out) + 1
+
+
+def test_cached_prefix_gives_the_same_tokens(model):
+    prompt = model.tokenizer.encode("The cat sat on the mat and then")
+    fresh = list(exlcore.Generator(model, max_seq_len=128).tokens(prompt + [40, 41], max_new_tokens=16, temperature=0))
+    gen = exlcore.Generator(model, max_seq_len=128)
+    list(gen.tokens(prompt, max_new_tokens=8, temperature=0))
+    reused = list(gen.tokens(prompt + [40, 41], max_new_tokens=16, temperature=0))
+    assert gen.stats.cached_tokens == len(prompt)
+    assert reused == fresh
+
+
+def test_seeded_sampling_repeats(model):
+    gen = exlcore.Generator(model, max_seq_len=128)
+    a = gen.generate("Once", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=3)
+    b = gen.generate("Once", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=3)
+    c = gen.generate("Once", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=4)
+    assert a == b != c
+
+
+def test_overlong_request_is_refused(model):
+    gen = exlcore.Generator(model, max_seq_len=32)
+    with pytest.raises(exlcore.ExlError, match="exceed max_seq_len 32"):
+        gen.generate("Once upon a time", max_new_tokens=40)
