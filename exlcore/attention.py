@@ -1,6 +1,8 @@
-"""Multi-head attention with grouped KV heads on torch SDPA, with the variants the architectures need:
-sliding window, logit soft-capping (which SDPA cannot express, so it takes an explicit path), QK norm and
-a custom query scale."""
+"""Multi-head attention with grouped KV heads, with the variants the architectures need: sliding window,
+logit soft-capping, QK norm and a custom query scale. Prefill runs on torch SDPA; single-token decode and
+soft-capped layers take an explicit path that needs no repeated KV heads and captures into CUDA graphs."""
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,34 @@ from torch import nn
 from exlcore.cache import KVCache
 from exlcore.layers import Linear, RMSNorm
 from exlcore.rope import Rotary, apply_rotary
+
+
+@dataclass
+class Step:
+    """What every layer needs to know about one forward pass."""
+
+    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
+    cache: KVCache | None
+    kv_len: int  # keys to attend over: the cached ones and the new ones, or a CUDA graph's fixed bucket
+    start: int | None  # position of the first new token; None when only the device knows it (graphs)
+    dtype: torch.dtype
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int | None, is_causal_available: bool) -> torch.Tensor | None:
+        """Boolean (B, 1, T, kv_len), True where a query may see a key. None when nothing needs masking: one
+        query over exactly its past, or a causal prefill from position 0 where the caller has is_causal."""
+        T = self.positions.shape[1]
+        exact = self.start is not None and self.kv_len == self.start + T
+        if window is None and exact and (T == 1 or self.start == 0 and is_causal_available):
+            return None
+        if window not in self._masks:
+            q = self.positions[:, None, :, None]
+            j = torch.arange(self.kv_len, device=q.device)
+            allowed = j <= q
+            if window is not None:
+                allowed = allowed & (j > q - window)
+            self._masks[window] = allowed
+        return self._masks[window]
 
 
 class Attention(nn.Module):
@@ -29,7 +59,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(f"{key}.q_norm", head_dim, qk_norm_eps, qk_norm_offset)
             self.k_norm = RMSNorm(f"{key}.k_norm", head_dim, qk_norm_eps, qk_norm_offset)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.heads, self.head_dim)
         k = self.k(x).view(B, T, self.kv_heads, self.head_dim)
@@ -38,36 +68,30 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(positions, q.dtype)
+            cos, sin = self.rotary.cos_sin(step.positions, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            k, v = cache.update(self.layer, k, v)
-        out = self.attend(q, k, v, start)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer, k, v, step.positions[0], step.kv_len)
+        sdpa = self.softcap is None and T > 1
+        mask = step.mask(self.window, is_causal_available=sdpa)
+        if sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                 enable_gqa=self.heads != self.kv_heads)
+        else:
+            out = explicit_attention(q, k, v, mask, self.scale, self.softcap)
         return self.o(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
-    def mask(self, T: int, S: int, start: int, device) -> torch.Tensor | None:
-        """Boolean (T, S) mask, True where query i (at position start + i) may see key j."""
-        if T == 1 and (self.window is None or S <= self.window):
-            return None  # one new token sees everything cached
-        i = torch.arange(T, device=device)[:, None] + start
-        j = torch.arange(S, device=device)[None]
-        allowed = j <= i
-        if self.window is not None:
-            allowed &= j > i - self.window
-        return allowed
 
-    def attend(self, q, k, v, start: int) -> torch.Tensor:
-        T, S = q.shape[2], k.shape[2]
-        mask = self.mask(T, S, start, q.device)
-        if self.softcap is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                                  enable_gqa=self.heads != self.kv_heads)
-        group = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-1, -2)).float() * self.scale
-        scores = torch.tanh(scores / self.softcap) * self.softcap
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+def explicit_attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale [soft-capped] [masked]) v, in fp32, with each KV head serving its group of
+    query heads through a reshape rather than a copy."""
+    B, H, T, D = q.shape
+    kv_heads, S = k.shape[1], k.shape[2]
+    group = H // kv_heads
+    scores = (q.reshape(B, kv_heads, group * T, D) @ k.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.view(B, kv_heads, group, T, S).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores.view(B, kv_heads, group * T, S), dim=-1).to(v.dtype)
+    return (probs @ v).view(B, H, T, D)

@@ -12,12 +12,12 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # tokens already stored; the next forward writes from here
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k/v (B, H, T, D) after the cached ones; return all keys and values so far."""
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kv_len: int):
+        """Write this step's k/v (B, H, T, D) at cache slots `slots` (T,), a device tensor so a CUDA graph can
+        replay the write at a new position; return the first kv_len keys and values."""
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
 
     def truncate(self, length: int):
         """Forget everything from `length` on (the buffers are reused)."""

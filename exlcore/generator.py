@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from exlcore import graphs
 from exlcore.errors import ExlError
 from exlcore.model import Model
 from exlcore.sampling import SamplingSettings, sample
@@ -45,6 +46,7 @@ class Generator:
         self.max_seq_len = max_seq_len or min(model.config.max_position_embeddings, 8192)
         self.cache = model.new_cache(1, self.max_seq_len)
         self.cached_ids: list[int] = []
+        self.graphs = graphs.DecodeGraphs(model, self.cache) if graphs.supported(model) else None
         self.stats = GenerationStats()
 
     def generate(self, prompt: str | list[int], **kwargs) -> str:
@@ -99,12 +101,13 @@ class Generator:
         t0 = time.perf_counter()
         logits = self._prefill(ids)
         seen = torch.tensor([ids], device=device)
-        stats.prefill_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
         try:
             while True:
-                token = int(sample(logits[:, -1], settings, seen, rng)[0])
+                token = int(sample(logits[:, -1], settings, seen, rng)[0])  # waits for the GPU
                 stats.new_tokens += 1
+                if stats.new_tokens == 1:  # prefill time includes the first token's sampling
+                    stats.prefill_seconds = time.perf_counter() - t0
+                    t0 = time.perf_counter()
                 if token in stop_ids:
                     stats.stop_reason = "eos"
                     return
@@ -113,7 +116,11 @@ class Generator:
                     stats.stop_reason = "max_new_tokens"
                     return
                 seen = torch.cat([seen, torch.tensor([[token]], device=device)], dim=1)
-                logits = self._step([token])
+                if self.graphs is not None:
+                    logits = self.graphs.step(token)
+                    self.cached_ids.append(token)
+                else:
+                    logits = self._step([token])
         finally:
             stats.decode_seconds = time.perf_counter() - t0
 
@@ -130,6 +137,6 @@ class Generator:
         return self._step(ids[common:])
 
     def _step(self, ids: list[int]) -> torch.Tensor:
-        logits = self.model.forward(torch.tensor([ids]), self.cache)
+        logits = self.model.forward(torch.tensor([ids]), self.cache, last_only=True)
         self.cached_ids.extend(ids)
         return logits

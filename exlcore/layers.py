@@ -86,6 +86,8 @@ class SparseMoE(nn.Module):
     """Top-k routed experts: softmax over all router logits in fp32, keep the top k, renormalise them
     to sum to one (Mixtral), and mix the chosen experts' outputs."""
 
+    graph_safe = False  # the expert loop runs over host-side lists of the chosen experts
+
     def __init__(self, key: str, hidden: int, intermediate: int, num_experts: int, top_k: int,
                  act: str = "silu", router: str = "gate", expert: str = "experts.{e}",
                  names: tuple[str, str, str] = ("w1", "w3", "w2")):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from exlcore.attention import Attention
+from exlcore.attention import Attention, Step
 from exlcore.cache import KVCache
 from exlcore.config import ModelConfig
 from exlcore.errors import ExlError
@@ -21,12 +21,12 @@ class Block(nn.Module):
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
         self.post_attn_norm, self.post_mlp_norm = post_attn_norm, post_mlp_norm
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, dtype: torch.dtype):
-        h = self.attn(self.attn_norm(x).to(dtype), positions, cache)
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x).to(step.dtype), step)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h.to(x.dtype)
-        h = self.mlp(self.mlp_norm(x).to(dtype))
+        h = self.mlp(self.mlp_norm(x).to(step.dtype))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + h.to(x.dtype)
@@ -39,10 +39,11 @@ class Model(nn.Module):
         self.config, self.embed, self.layers, self.norm, self.head = config, embed, nn.ModuleList(layers), norm, head
         # Gemma overflows fp16 activations; its residual stream then runs in fp32.
         self.residual_fp32_with_fp16 = residual_fp32_with_fp16
+        self.rotaries = list({id(m.rotary): m.rotary for m in self.modules()
+                              if isinstance(m, Attention) and m.rotary is not None}.values())
         self.dtype = torch.float32
         self.device = torch.device("cpu")
         self.tokenizer = None
-        self.generation_eos: list[int] = []
 
     def load(self, w: Weights, dtype: torch.dtype):
         """Every component that defines `load` reads its own tensors and those of its children."""
@@ -57,23 +58,31 @@ class Model(nn.Module):
 
         visit(self)
 
-    def residual_dtype(self) -> torch.dtype:
-        return torch.float32 if self.residual_fp32_with_fp16 and self.dtype == torch.float16 else self.dtype
-
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, vocab) float32 logits. With a cache, continues from cache.length."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab) float32 logits (B, 1, vocab with last_only). With a cache, the
+        tokens continue from cache.length and are appended to it."""
         input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ExlError(f"context overflow: {start + T} tokens exceed the cache's {cache.max_len}; raise max_seq_len")
         positions = torch.arange(start, start + T, device=self.device).expand(B, T)
-        x = self.embed(input_ids).to(self.residual_dtype())
-        for layer in self.layers:
-            x = layer(x, positions, cache, self.dtype)
+        logits = self.run(input_ids, Step(positions, cache, start + T, start, self.dtype), last_only)
         if cache is not None:
             cache.length += T
+        return logits
+
+    def run(self, input_ids: torch.Tensor, step: Step, last_only: bool = False) -> torch.Tensor:
+        """The forward pass proper. Performs no host synchronisation, so CUDA graphs can capture it."""
+        for rotary in self.rotaries:
+            rotary.prepare(step.kv_len, self.device)
+        residual = torch.float32 if self.residual_fp32_with_fp16 and self.dtype == torch.float16 else self.dtype
+        x = self.embed(input_ids).to(residual)
+        for layer in self.layers:
+            x = layer(x, step)
+        if last_only:
+            x = x[:, -1:]
         return self.head(self.norm(x).to(self.dtype))
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:

@@ -95,29 +95,31 @@ def _yarn(inv: torch.Tensor, cfg: RopeConfig, dim: int) -> tuple[torch.Tensor, f
 
 
 class Rotary:
-    """cos/sin tables for one rope schedule, grown on demand, cached per device."""
+    """cos/sin tables for one rope schedule. `prepare` sizes them from host-known lengths, so the per-layer
+    lookup never syncs with the GPU and replays inside CUDA graphs."""
 
     def __init__(self, cfg: RopeConfig, dim: int):
         self.cfg, self.dim = cfg, dim
-        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.cos = self.sin = None
+        self._seq_len = 0  # the sequence length a dynamic table was computed for
+
+    def prepare(self, seq_len: int, device: torch.device):
+        if self.cfg.type == "dynamic":
+            # The frequencies themselves depend on the sequence length, as in the reference.
+            if seq_len != self._seq_len or self.cos is None or self.cos.device != device:
+                self._build(seq_len, seq_len, device)
+        elif self.cos is None or self.cos.shape[0] < seq_len or self.cos.device != device:
+            self._build(max(seq_len, 4096), 0, device)
+
+    def _build(self, size: int, seq_len: int, device: torch.device):
+        inv, scale = inv_frequencies(self.cfg, self.dim, seq_len)
+        freqs = torch.arange(size, device=device).float()[:, None] * inv.to(device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin, self._seq_len = emb.cos() * scale, emb.sin() * scale, seq_len
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) -> cos, sin of shape (B, 1, T, dim), rotate-half layout."""
-        needed = int(positions.max()) + 1
-        if self.cfg.type == "dynamic":
-            return self._compute(positions, needed, dtype)
-        if self._table is None or self._table[0].shape[0] < needed or self._table[0].device != positions.device:
-            size = max(needed, 4096)
-            cos, sin = self._compute(torch.arange(size, device=positions.device)[None], size, torch.float32)
-            self._table = (cos[0, 0], sin[0, 0])
-        cos, sin = self._table
-        return cos[positions].to(dtype)[:, None], sin[positions].to(dtype)[:, None]
-
-    def _compute(self, positions, seq_len, dtype):
-        inv, scale = inv_frequencies(self.cfg, self.dim, seq_len)
-        freqs = positions[..., None].float() * inv.to(positions.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
+        return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

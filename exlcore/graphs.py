@@ -1,0 +1,59 @@
+"""CUDA graphs for single-token decode. One graph per KV-length bucket, replayed with the token and its
+position written into static input buffers: a decode step costs one graph launch instead of hundreds of
+kernel launches, which dominate batch-1 decode otherwise."""
+
+import torch
+
+from exlcore.attention import Step
+from exlcore.cache import KVCache
+from exlcore.model import Model
+
+BUCKET = 256  # attention reads keys up to the bucket's end (masked), so a graph serves 256 positions
+
+
+def supported(model: Model) -> bool:
+    return (model.device.type == "cuda" and all(getattr(m, "graph_safe", True) for m in model.modules())
+            and all(r.cfg.type != "dynamic" for r in model.rotaries))
+
+
+class DecodeGraphs:
+    def __init__(self, model: Model, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.ids = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+        self.positions = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        for rotary in model.rotaries:  # full-size tables now, so no capture ever allocates them
+            rotary.prepare(cache.max_len, model.device)
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        """Append one token to the cache and return its (1, 1, vocab) logits."""
+        position = self.cache.length
+        kv_len = min(-(-(position + 1) // BUCKET) * BUCKET, self.cache.max_len)
+        self.ids.fill_(token)
+        self.positions.fill_(position)
+        if kv_len not in self.graphs:
+            self.graphs[kv_len] = self._capture(kv_len)
+        graph, logits = self.graphs[kv_len]
+        graph.replay()
+        self.cache.length = position + 1
+        return logits
+
+    def _capture(self, kv_len: int):
+        def run():
+            return self.model.run(self.ids, Step(self.positions, self.cache, kv_len, None, self.model.dtype),
+                                  last_only=True)
+
+        # Warm up on a side stream first (lazy cuBLAS setup must not happen during capture). The warm-up
+        # writes this token's k/v into its cache slot, the same values the replay writes.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = run()
+        self.pool = graph.pool()
+        return graph, logits

@@ -1,0 +1,81 @@
+"""The same checks on the GPU in fp16/bf16. Low precision has no exact answer, so each comparison measures
+transformers' own error against an fp32 reference and allows exlcore at most twice that (plus a floor)."""
+
+import pytest
+import torch
+
+import exlcore
+from exlcore.evaluate import perplexity, windows
+from test_smollm2 import WIKI
+from tiny import CONFIGS, make_tiny
+
+pytestmark = pytest.mark.cuda
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def error(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def check_against_reference(ours, theirs, reference):
+    hf_err = error(theirs, reference)
+    assert error(ours, reference) <= max(2 * hf_err, 2e-3), (error(ours, reference), hf_err)
+    agree = (ours.argmax(-1) == reference.argmax(-1)).float().mean()
+    hf_agree = (theirs.argmax(-1) == reference.argmax(-1)).float().mean()
+    assert agree >= min(hf_agree, 1.0) - 0.03
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_tiny_models_on_gpu(name, dtype, tmp_path, tiny_tokenizer_dir):
+    ref = make_tiny(name, tmp_path, tiny_tokenizer_dir).cuda()
+    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        reference = ref(ids).logits.float()
+        theirs = ref.to(dtype)(ids).logits.float()
+    model = exlcore.load(tmp_path, device="cuda", dtype=dtype)
+    check_against_reference(model.forward(ids), theirs, reference)
+    # With the KV cache: a 30-token prefill, then one token at a time, must agree just as well.
+    cache = model.new_cache(2, 64)
+    steps = [model.forward(ids[:, :30], cache)] + [model.forward(ids[:, t:t + 1], cache) for t in range(30, 40)]
+    check_against_reference(torch.cat(steps, 1), theirs, reference)
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).cuda().eval()
+    ids = torch.tensor([exlcore.load(smollm2_dir, device="cpu").tokenizer.encode(WIKI.read_text()[:4000])[:512]]).cuda()
+    with torch.no_grad():
+        reference = hf(ids).logits.float()
+        theirs = {dtype: hf.to(dtype)(ids).logits.float() for dtype in DTYPES}
+    return ids, reference, theirs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_smollm2_on_gpu(smollm2_dir, smollm2_reference, dtype):
+    ids, reference, theirs = smollm2_reference
+    model = exlcore.load(smollm2_dir, device="cuda", dtype=dtype)
+    check_against_reference(model.forward(ids), theirs[dtype], reference)
+    rows = windows(model.tokenizer.encode(WIKI.read_text(), add_bos=False), 512, 40)
+    assert perplexity(model, rows, batch=8) == pytest.approx(16.02, abs=0.1)
+    assert exlcore.Generator(model).generate("The capital of France is", max_new_tokens=3,
+                                             temperature=0).startswith(" Paris")
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3", "mistral_sliding"])
+def test_cuda_graph_decode_matches_eager(name, tmp_path, tiny_tokenizer_dir):
+    """Graph replay (padded KV buckets, positions on the device) gives the eager path's tokens and logits,
+    across a bucket boundary."""
+    make_tiny(name, tmp_path, tiny_tokenizer_dir)
+    model = exlcore.load(tmp_path, device="cuda", dtype=torch.float32)
+    prompt = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    runs = []
+    for use_graphs in (True, False):
+        gen = exlcore.Generator(model, max_seq_len=320)
+        assert gen.graphs is not None
+        if not use_graphs:
+            gen.graphs = None
+        runs.append(list(gen.tokens(prompt, 260, temperature=0, stop_ids=set())))
+    assert runs[0] == runs[1] and len(runs[0]) == 260
