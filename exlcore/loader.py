@@ -31,8 +31,11 @@ def resolve_device(device) -> torch.device:
         device = torch.device(device)
     except RuntimeError:
         raise ExlError(f"device {device!r} is not valid; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExlError("device 'cuda' asked for, but no CUDA GPU is available; use device='cpu'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ExlError("device 'cuda' asked for, but no CUDA GPU is available; use device='cpu'")
+        if device.index is None:  # compare equal to the devices tensors report
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
