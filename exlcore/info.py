@@ -7,6 +7,7 @@ from pathlib import Path
 
 from exlcore import plugins
 from exlcore.config import ModelConfig, architecture_of, read_config
+from exlcore.formats import format_of
 from exlcore.layers import Linear
 from exlcore.weights import Weights
 
@@ -43,9 +44,10 @@ class ModelInfo:
 
 
 def _format(w: Weights, key: str) -> str:
-    if f"{key}.weight" in w:
+    fmt = format_of(w, key)
+    if fmt == "dense" and f"{key}.weight" in w:
         return w.index[f"{key}.weight"][1]["dtype"].lower()
-    return "missing"
+    return fmt
 
 
 def inspect(path) -> ModelInfo:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exlcore.formats import format_of, load_weight
 from exlcore.weights import Weights
 
 ACTIVATIONS = {
@@ -23,9 +24,11 @@ class Linear(nn.Module):
         super().__init__()
         self.key, self.in_features, self.out_features, self.has_bias = key, in_features, out_features, bias
         self.weight = self.bias = None
+        self.format = "dense"
 
     def load(self, w: Weights, dtype: torch.dtype):
-        self.weight = w.get(f"{self.key}.weight", (self.out_features, self.in_features), dtype)
+        self.format = format_of(w, self.key)
+        self.weight = load_weight(w, self.key, self.in_features, self.out_features, dtype)
         if self.has_bias:
             self.bias = w.get(f"{self.key}.bias", (self.out_features,), dtype)
 

@@ -50,7 +50,7 @@ def load(path, device="cuda" if torch.cuda.is_available() else "cpu", dtype=None
     dtype = resolve_dtype(dtype, device, spec.cuda_dtype)
     tokenizer = Tokenizer(folder, raw)  # before the weights: a missing tokenizer should fail fast
     model = spec.build(cfg)
-    weights = Weights(folder, device)
+    weights = Weights(folder, device, raw.get("quantization_config"))
     model.load(weights, dtype)
     weights.close()
     model.tokenizer = tokenizer

@@ -46,9 +46,10 @@ def read_header(path: Path) -> dict:
 class Weights:
     """Tensors by name across every safetensors file of a folder, read only when asked for."""
 
-    def __init__(self, folder: Path, device: str | torch.device = "cpu"):
+    def __init__(self, folder: Path, device: str | torch.device = "cpu", quantization_config: dict | None = None):
         self.folder = Path(folder)
         self.device = torch.device(device)
+        self.quantization_config = quantization_config or {}  # config.json's, for formats that depend on it
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise ExlError(f"{self.folder}: no *.safetensors files; download the model's weights into this folder")

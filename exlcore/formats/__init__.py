@@ -1,0 +1,34 @@
+"""Linear storage formats, told apart by the tensors a checkpoint holds for a layer:
+<key>.q_weight = EXL2, <key>.qweight = GPTQ, <key>.weight = dense (fp16/bf16/fp32)."""
+
+import torch
+
+from exlcore.formats import exl2, gptq
+from exlcore.weights import Weights
+
+
+def format_of(w: Weights, key: str) -> str:
+    if f"{key}.q_weight" in w:
+        return "exl2"
+    if f"{key}.qweight" in w:
+        return "gptq"
+    return "dense"
+
+
+def _tensors(w: Weights, key: str, suffixes) -> dict[str, torch.Tensor]:
+    return {s: w.get(f"{key}.{s}") for s in suffixes if f"{key}.{s}" in w}
+
+
+def load_weight(w: Weights, key: str, in_features: int, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight as a dense (out, in) tensor in `dtype`: the pure-PyTorch reference path, which
+    dequantizes quantized formats once at load."""
+    fmt = format_of(w, key)
+    if fmt == "dense":
+        return w.get(f"{key}.weight", (out_features, in_features), dtype)
+    if fmt == "exl2":
+        weight = exl2.read(_tensors(w, key, exl2.SUFFIXES), key, in_features).dequantize()
+    else:
+        v2 = w.quantization_config.get("checkpoint_format") == "gptq_v2"
+        weight = gptq.dequantize(_tensors(w, key, ("qweight", "qzeros", "scales", "g_idx")), key, in_features, v2)
+    # Heads are stored with the output padded to a multiple of 32; the padding rows are never logits.
+    return weight[:out_features].to(dtype)

@@ -1,0 +1,176 @@
+"""EXL2: ExLlamaV2's mixed-bitrate linear format (facts: shared/reference/exl2-format.md, section 1).
+
+A linear y = x W^T with W (N, K) is stored transposed and row-permuted (act order: input channels sorted by
+falling Hessian diagonal), as contiguous groups of rows each with its own bit width (8, 6, 5, 4, 3 or 2,
+never rising), per-(group, column) 4-bit scale codes and a per-group maximum scale:
+
+    <key>.q_weight     int32 (R, N)    each group's codes, an LSB-first bit stream down each column
+    <key>.q_groups     int16 (2G,)     (bits, first q_weight row) per group
+    <key>.q_scale      int32 (G, N/8)  scale code - 1 in nibble n % 8 of word n // 8
+    <key>.q_scale_max  fp16  (G,)
+    <key>.q_invperm    int32 (K,)      stored row k is input channel perm[k], perm = argsort(q_invperm)
+
+Dequantized: w = (q - 2^(b-1)) * (code^2 * q_scale_max / 256), computed in fp16 as ExLlamaV2's kernels do.
+This module is the format's definition: packing, unpacking and dequantization in plain PyTorch.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from exlcore.errors import ExlError
+
+BITS = (8, 6, 5, 4, 3, 2)
+SUFFIXES = ("q_weight", "q_groups", "q_scale", "q_scale_max", "q_invperm")
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, N) codes in [0, 2^bits) -> (rows * bits / 32, N) int32: value i of each column at bit offset
+    bits * i of a little-endian stream of 32-bit words (values may straddle two words)."""
+    rows, n = codes.shape
+    if rows * bits % 32:
+        raise ExlError(f"EXL2 pack: {rows} rows of {bits} bits do not fill whole 32-bit words")
+    offset = torch.arange(rows) * bits
+    word, shift = offset // 32, (offset % 32)[:, None]
+    c = codes.to(torch.int64)
+    acc = torch.zeros(rows * bits // 32 + 1, n, dtype=torch.int64)
+    acc.index_add_(0, word, (c << shift) & 0xFFFFFFFF)
+    acc.index_add_(0, word + 1, c >> (32 - shift))  # the part that spills into the next word (0 if none)
+    return _as_int32(acc[:-1])
+
+
+def unpack_bits(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of pack_bits: (rows * bits / 32, N) int32 -> (rows, N) int64 codes."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, torch.zeros(1, w.shape[1], dtype=torch.int64, device=w.device)])
+    offset = torch.arange(rows, device=w.device) * bits
+    word, shift = offset // 32, (offset % 32)[:, None]
+    return ((w[word] >> shift) | (w[word + 1] << (32 - shift))) & ((1 << bits) - 1)
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """Low 32 bits of int64 values, reinterpreted as signed int32."""
+    return (((x & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000).to(torch.int32)
+
+
+@dataclass
+class Exl2Linear:
+    """One EXL2 linear, unpacked: codes in stored (permuted) row order and everything needed to rebuild W."""
+
+    codes: torch.Tensor  # (K, N) int64 in [0, 2^bits)
+    group_bits: list[int]
+    group_rows: list[int]
+    scale_codes: torch.Tensor  # (G, N) int64 in [1, 16]
+    scale_max: torch.Tensor  # (G,) fp16
+    perm: torch.Tensor  # (K,) int64: stored row k is input channel perm[k]
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        """The tensors ExLlamaV2 writes for this linear (keys without the '<key>.' prefix)."""
+        words, groups, start, first = [], [], 0, 0
+        for bits, rows in zip(self.group_bits, self.group_rows):
+            words.append(pack_bits(self.codes[first:first + rows], bits))
+            groups += [bits, start]
+            start += words[-1].shape[0]
+            first += rows
+        n = self.codes.shape[1]
+        nibbles = (self.scale_codes - 1).view(-1, n // 8, 8) << (4 * torch.arange(8))
+        return {
+            "q_weight": torch.cat(words),
+            "q_groups": torch.tensor(groups, dtype=torch.int16),
+            "q_scale": _as_int32(nibbles.sum(-1)),
+            "q_scale_max": self.scale_max.to(torch.float16),
+            "q_invperm": torch.argsort(self.perm).to(torch.int32),
+        }
+
+    def dequantize(self) -> torch.Tensor:
+        """W as (N, K) fp16, in the original input-channel order."""
+        rows = torch.tensor(self.group_rows, device=self.codes.device)
+        group_of_row = torch.repeat_interleave(torch.arange(len(self.group_rows), device=rows.device), rows)
+        half = torch.tensor([1 << (b - 1) for b in self.group_bits], device=rows.device)[group_of_row]
+        # fp16 arithmetic in the kernels' order: scale = half(code^2) * (scale_max / 256), then q * scale.
+        scale = self.scale_codes.square().half() * (self.scale_max.half() / 256)[:, None]
+        w = (self.codes - half[:, None]).half() * scale[group_of_row]
+        return w[torch.argsort(self.perm)].T.contiguous()
+
+
+def read(tensors: dict[str, torch.Tensor], key: str, in_features: int) -> Exl2Linear:
+    """Unpack one linear's tensors (keys as in SUFFIXES), checking that they agree with each other."""
+    for suffix in SUFFIXES:
+        if suffix not in tensors:
+            raise ExlError(f"EXL2 tensor {key}.{suffix} is missing; the checkpoint is incomplete or damaged")
+    q_weight, q_groups = tensors["q_weight"], tensors["q_groups"].to(torch.int64)
+    n = q_weight.shape[1]
+    if q_groups.ndim != 1 or q_groups.numel() % 2 or q_groups.numel() == 0:
+        raise ExlError(f"EXL2 tensor {key}.q_groups has shape {tuple(q_groups.shape)}; expected (2 x groups,)")
+    bits, starts = q_groups[0::2].tolist(), q_groups[1::2].tolist() + [q_weight.shape[0]]
+    g = len(bits)
+    rows = []
+    for i, b in enumerate(bits):
+        if b not in BITS:
+            raise ExlError(f"EXL2 tensor {key}.q_groups: group {i} has {b} bits; supported: {', '.join(map(str, BITS))}")
+        if i and b > bits[i - 1]:
+            raise ExlError(f"EXL2 tensor {key}.q_groups: bit widths must not rise (group {i}: {bits[i - 1]} -> {b})")
+        span = starts[i + 1] - starts[i]
+        if span <= 0 or span * 32 % b:
+            raise ExlError(f"EXL2 tensor {key}.q_groups: group {i} spans {span} q_weight rows, not whole {b}-bit rows")
+        rows.append(span * 32 // b)
+    if sum(rows) != in_features:
+        raise ExlError(f"EXL2 tensor {key}.q_groups describes {sum(rows)} input rows; the layer has {in_features}")
+    expected = {"q_scale": (g, n // 8), "q_scale_max": (g,), "q_invperm": (in_features,)}
+    for suffix, shape in expected.items():
+        if tuple(tensors[suffix].shape) != shape:
+            raise ExlError(f"EXL2 tensor {key}.{suffix} has shape {tuple(tensors[suffix].shape)}, expected {shape}")
+    invperm = tensors["q_invperm"].to(torch.int64)
+    if not torch.equal(torch.sort(invperm).values, torch.arange(in_features, device=invperm.device)):
+        raise ExlError(f"EXL2 tensor {key}.q_invperm is not a permutation of 0..{in_features - 1}")
+    codes = torch.cat([unpack_bits(q_weight[s:e], b, r) for s, e, b, r in zip(starts, starts[1:], bits, rows)])
+    nibbles = (tensors["q_scale"].to(torch.int64)[..., None] >> (4 * torch.arange(8, device=codes.device))) & 15
+    return Exl2Linear(codes, bits, rows, nibbles.reshape(g, n) + 1, tensors["q_scale_max"], torch.argsort(invperm))
+
+
+def group_layout(in_features: int, option: list[tuple[float, int, int]]) -> list[tuple[int, int]]:
+    """(proportion, bits, group size) per width, widest first -> [(bits, rows)] per group. Each width takes
+    ceil(min(K * proportion, rows left) / group size) groups; only the matrix's last group may be short."""
+    layout, left = [], in_features
+    for proportion, bits, size in option:
+        count = math.ceil(min(in_features * proportion, left) / size)
+        for _ in range(count):
+            rows = min(size, left)
+            if rows:
+                layout.append((bits, rows))
+                left -= rows
+    if left:
+        layout[-1] = (layout[-1][0], layout[-1][1] + left)
+    return layout
+
+
+def quantize_rtn(weight: torch.Tensor, layout: list[tuple[int, int]], perm: torch.Tensor | None = None,
+                 p_grid: int = 96) -> Exl2Linear:
+    """Round-to-nearest EXL2 quantization of a (N, K) weight with ExLlamaV2's scale search: per column a
+    4-bit code on a square-root scale of the group maximum, and one factor per group (p_grid + 1 values in
+    [0.7, 1.2]) chosen to minimise the sum of |error|^3.5. GPTQ (the converter) adds error feedback on top."""
+    n, k = weight.shape
+    perm = torch.arange(k) if perm is None else perm
+    rows_t = weight.T.float()[perm]
+    codes, scale_codes, scale_max, first = [], [], [], 0
+    for bits, rows in layout:
+        w = rows_t[first:first + rows]
+        first += rows
+        half, top = 1 << (bits - 1), (1 << bits) - 1
+        base = w.abs().amax(0) / (top / 2)
+        peak = base.max().clamp(min=1e-10)
+        c = (16 * (base / peak).sqrt()).round().clamp(1, 16)
+        best = None
+        for p in torch.linspace(0.7, 1.2, p_grid + 1).tolist():
+            smax = (peak * p).half()
+            scale = (c.square().half() * (smax / 256)).float()
+            q = (w / scale).round().clamp(-half, top - half)
+            err = ((q * scale - w).abs() ** 3.5).sum()
+            if best is None or err < best[0]:
+                best = (err, q + half, smax)
+        codes.append(best[1].to(torch.int64))
+        scale_codes.append(c.to(torch.int64))
+        scale_max.append(best[2])
+    return Exl2Linear(torch.cat(codes), [b for b, _ in layout], [r for _, r in layout], torch.stack(scale_codes),
+                      torch.stack(scale_max), perm)
