@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything CUDA in one device call: install exlcore, run the cuda-marked tests, run the benchmarks.
 # Expects in the working tree: .whl/gguf/ with the gguf wheel (and the SmolLM2 wheel, or its parts staged in
-# $HOME/stage by an earlier call), .shared/data with wiki.utf8 and tiny.utf8. Logs and tables go to $OUT.
+# $HOME/stage by an earlier call), .shared/data with wiki.utf8 and tiny.utf8, and for exl2-fixtures
+# .whl/exl with the exllamav2 0.3.2 wheel. Steps are named on the command line. Logs and tables go to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 EXLCORE_SHARED_DIR=$PWD/.shared EXLCORE_SMOLLM2_DIR=$HOME/smollm2
 python3 -m pip install -q --no-deps --no-build-isolation -e . .whl/gguf/gguf-*.whl >"$OUT/install.log" 2>&1 \
@@ -17,5 +18,10 @@ for step in "$@"; do
     bench) python3 benchmarks/core.py --work "$HOME/bench" --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -8 ;;
     bench-nocudnn) python3 benchmarks/core.py --work "$HOME/bench" --out "$OUT/bench_nocudnn" --no-cudnn-attention \
       2>&1 | tee "$OUT/bench_nocudnn.log" | tail -8 ;;
+    exl2-fixtures)  # exllamav2 0.3.2 from .whl/exl, JIT-built; fastparquet is only imported, never used here
+      mkdir -p /tmp/site/fastparquet && touch /tmp/site/fastparquet/__init__.py
+      python3 -m pip install -q --no-deps --target /tmp/site .whl/exl/exllamav2-*.whl >>"$OUT/install.log" 2>&1
+      PYTHONPATH=/tmp/site MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=$PWD/.build/torch_ext \
+        python3 tests/fixtures/make_exllamav2.py "$HOME/fixtures" "$OUT" 2>&1 | tee "$OUT/fixtures.log" | tail -8 ;;
   esac
 done

@@ -124,7 +124,8 @@ class Head(nn.Module):
 
     def load(self, w: Weights, dtype: torch.dtype):
         embedding = self.tied_to[0]
-        if embedding is None:
+        # Quantized checkpoints store the head even when tied (EXL2 always writes a quantized lm_head).
+        if embedding is None or format_of(w, self.linear.key) != "dense":
             self.linear.load(w, dtype)
         else:
             self.linear.weight = embedding.weight  # shared storage, not a copy

@@ -1,5 +1,6 @@
 """Tiny random-weight Hugging Face models, saved with transformers, for comparing exlcore against it."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -51,3 +52,25 @@ def make_tiny(name: str, folder: Path, tokenizer_dir: Path, config_class: str | 
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
     return model
+
+
+def write_tiny_tokenizer(folder: Path) -> Path:
+    """A real byte-level BPE tokenizer (vocab 512) trained on a slice of the shared calibration text, with a
+    ChatML template: small enough for tiny models, real enough to exercise encode/decode/templates."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=COMMON["vocab_size"], special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = (SHARED / "data" / "tiny.utf8").read_text()[:200_000]
+    tok.train_from_iterator([text[i:i + 1000] for i in range(0, len(text), 1000)], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    }))
+    return folder
