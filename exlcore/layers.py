@@ -23,17 +23,24 @@ class Linear(nn.Module):
     def __init__(self, key: str, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.key, self.in_features, self.out_features, self.has_bias = key, in_features, out_features, bias
-        self.weight = self.bias = None
+        self.weight = self.bias = self.kernel = None
         self.format = "dense"
 
     def load(self, w: Weights, dtype: torch.dtype):
         self.format = format_of(w, self.key)
-        self.weight = load_weight(w, self.key, self.in_features, self.out_features, dtype)
+        weight = load_weight(w, self.key, self.in_features, self.out_features, dtype)
+        if isinstance(weight, torch.Tensor):
+            self.weight = weight
+        else:
+            self.kernel = weight  # packed on the GPU, multiplied by a CUDA kernel
         if self.has_bias:
             self.bias = w.get(f"{self.key}.bias", (self.out_features,), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.kernel is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.kernel(x)
+        return y if self.bias is None else y + self.bias
 
 
 class Embedding(nn.Module):

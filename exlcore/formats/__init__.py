@@ -3,7 +3,9 @@
 
 import torch
 
+from exlcore.ext import extension
 from exlcore.formats import exl2, gptq
+from exlcore.formats.exl2_cuda import Exl2Matmul
 from exlcore.weights import Weights
 
 
@@ -19,12 +21,15 @@ def _tensors(w: Weights, key: str, suffixes) -> dict[str, torch.Tensor]:
     return {s: w.get(f"{key}.{s}") for s in suffixes if f"{key}.{s}" in w}
 
 
-def load_weight(w: Weights, key: str, in_features: int, out_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """The layer's weight as a dense (out, in) tensor in `dtype`: the pure-PyTorch reference path, which
-    dequantizes quantized formats once at load."""
+def load_weight(w: Weights, key: str, in_features: int, out_features: int, dtype: torch.dtype):
+    """The layer's weight: on CUDA with the extension, EXL2 stays packed (an Exl2Matmul); otherwise a dense
+    (out, in) tensor in `dtype`, the pure-PyTorch reference path, which dequantizes once at load."""
     fmt = format_of(w, key)
     if fmt == "dense":
         return w.get(f"{key}.weight", (out_features, in_features), dtype)
+    ext = extension() if w.device.type == "cuda" else None
+    if fmt == "exl2" and ext is not None:
+        return Exl2Matmul(ext, _tensors(w, key, exl2.SUFFIXES), key, in_features, out_features)
     if fmt == "exl2":
         weight = exl2.read(_tensors(w, key, exl2.SUFFIXES), key, in_features).dequantize()
     else:
@@ -32,3 +37,4 @@ def load_weight(w: Weights, key: str, in_features: int, out_features: int, dtype
         weight = gptq.dequantize(_tensors(w, key, ("qweight", "qzeros", "scales", "g_idx")), key, in_features, v2)
     # Heads are stored with the output padded to a multiple of 32; the padding rows are never logits.
     return weight[:out_features].to(dtype)
+

@@ -88,14 +88,14 @@ class Exl2Linear:
         rows = torch.tensor(self.group_rows, device=self.codes.device)
         group_of_row = torch.repeat_interleave(torch.arange(len(self.group_rows), device=rows.device), rows)
         half = torch.tensor([1 << (b - 1) for b in self.group_bits], device=rows.device)[group_of_row]
-        # fp16 arithmetic in the kernels' order: scale = half(code^2) * (scale_max / 256), then q * scale.
-        scale = self.scale_codes.square().half() * (self.scale_max.half() / 256)[:, None]
-        w = (self.codes - half[:, None]).half() * scale[group_of_row]
+        # fp16 arithmetic in the kernels' order: the scale first, then code * scale.
+        w = (self.codes - half[:, None]).half() * scales(self.scale_codes, self.scale_max)[group_of_row]
         return w[torch.argsort(self.perm)].T.contiguous()
 
 
-def read(tensors: dict[str, torch.Tensor], key: str, in_features: int) -> Exl2Linear:
-    """Unpack one linear's tensors (keys as in SUFFIXES), checking that they agree with each other."""
+def layout(tensors: dict[str, torch.Tensor], key: str, in_features: int) -> tuple[list[int], list[int], list[int]]:
+    """Check one linear's tensors (keys as in SUFFIXES) against each other; return per group its bit width,
+    its number of rows and its first q_weight row (plus the total, R, at the end)."""
     for suffix in SUFFIXES:
         if suffix not in tensors:
             raise ExlError(f"EXL2 tensor {key}.{suffix} is missing; the checkpoint is incomplete or damaged")
@@ -124,9 +124,27 @@ def read(tensors: dict[str, torch.Tensor], key: str, in_features: int) -> Exl2Li
     invperm = tensors["q_invperm"].to(torch.int64)
     if not torch.equal(torch.sort(invperm).values, torch.arange(in_features, device=invperm.device)):
         raise ExlError(f"EXL2 tensor {key}.q_invperm is not a permutation of 0..{in_features - 1}")
+    return bits, rows, starts
+
+
+def scale_codes(q_scale: torch.Tensor) -> torch.Tensor:
+    """(G, N/8) int32 -> (G, N) scale codes in [1, 16]."""
+    nibbles = (q_scale.to(torch.int64)[..., None] >> (4 * torch.arange(8, device=q_scale.device))) & 15
+    return nibbles.reshape(q_scale.shape[0], -1) + 1
+
+
+def scales(codes: torch.Tensor, scale_max: torch.Tensor) -> torch.Tensor:
+    """Per (group, column) fp16 scale, as the kernels compute it: half(code^2) * half(q_scale_max / 256)."""
+    return codes.square().half() * (scale_max.half() / 256)[:, None]
+
+
+def read(tensors: dict[str, torch.Tensor], key: str, in_features: int) -> Exl2Linear:
+    """Unpack one linear's tensors (keys as in SUFFIXES), checking that they agree with each other."""
+    bits, rows, starts = layout(tensors, key, in_features)
+    q_weight = tensors["q_weight"]
     codes = torch.cat([unpack_bits(q_weight[s:e], b, r) for s, e, b, r in zip(starts, starts[1:], bits, rows)])
-    nibbles = (tensors["q_scale"].to(torch.int64)[..., None] >> (4 * torch.arange(8, device=codes.device))) & 15
-    return Exl2Linear(codes, bits, rows, nibbles.reshape(g, n) + 1, tensors["q_scale_max"], torch.argsort(invperm))
+    perm = torch.argsort(tensors["q_invperm"].to(torch.int64))
+    return Exl2Linear(codes, bits, rows, scale_codes(tensors["q_scale"]), tensors["q_scale_max"], perm)
 
 
 def group_layout(in_features: int, option: list[tuple[float, int, int]]) -> list[tuple[int, int]]:

@@ -1,0 +1,223 @@
+"""EXL2 inference speed: exlcore's CUDA kernels against exllamav2 0.3.2, same files, same GPU, same run.
+
+    python benchmarks/exl2.py --work DIR [--out DIR] [--quick]
+
+The model is Llama-3-8B-shaped at about 4 bits per weight, written straight into EXL2 tensors (random codes,
+scales and act-order permutations: every bit pattern is a valid code, and speed does not depend on values;
+the head at 6 bits as exllamav2's default -hb 6 makes it). Both libraries load the same folder.
+
+  decode   tokens/s for batch 1, 4, 16: a 128-token prefill, then 128 single-token forwards with a KV cache.
+           exlcore batch 1 runs through its Generator (CUDA graphs); other rows are plain forward loops on
+           both sides. exllamav2 runs with EXLLAMA_NO_SDPA=1 (its SDPA fallback drops the causal mask).
+  prefill  tokens/s of one 2048-token forward into an empty cache (exllamav2: its matmul attention, no
+           flash-attn here; exlcore: torch SDPA).
+  GB/s     bytes of quantized weights read per decode step (every linear's tensors, the fp16 embedding row
+           aside) x steps/s; compared with the measured 3.0 TB/s copy bandwidth.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from core import COPY_BANDWIDTH, LLAMA31_ROPE, write_tokenizer
+
+import exlcore
+
+SHAPE = dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+             intermediate_size=14336, vocab_size=128256)
+QUICK = dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+             intermediate_size=512, vocab_size=512)
+BODY = [(0.25, 5, 128), (0.5, 4, 128), (0.25, 3, 128)]  # about 4.1 bits per weight with scales and perm
+HEAD = [(0.15, 8, 128), (0.85, 6, 128)]
+
+
+def random_exl2(n: int, k: int, option, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    from exlcore.formats.exl2 import group_layout
+
+    layout = group_layout(k, option)
+    rows = sum(r * b // 32 for b, r in layout)
+    starts = torch.tensor([0] + [r * b // 32 for b, r in layout]).cumsum(0)[:-1]
+    groups = torch.stack([torch.tensor([b for b, _ in layout]), starts], 1).flatten().to(torch.int16)
+    dev = gen.device
+    return {"q_weight": torch.randint(-2**31, 2**31 - 1, (rows, n), dtype=torch.int32, device=dev, generator=gen),
+            "q_groups": groups.to(dev),
+            "q_scale": torch.randint(-2**31, 2**31 - 1, (len(layout), n // 8), dtype=torch.int32, device=dev, generator=gen),
+            "q_scale_max": (torch.rand(len(layout), device=dev, generator=gen) * 0.002 + 0.001).half(),
+            "q_invperm": torch.argsort(torch.randperm(k, device=dev, generator=gen)).to(torch.int32)}
+
+
+def write_model(folder: Path, shape: dict) -> int:
+    """Write the EXL2 folder (once); return the bytes a decode step reads (all linear tensors)."""
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
+                  rope_theta=500000.0, rope_scaling=LLAMA31_ROPE, max_position_embeddings=8192,
+                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, torch_dtype="float16",
+                  quantization_config={"quant_method": "exl2", "bits": 4.0, "head_bits": 6}, **shape)
+    marker = folder / "linear_bytes.json"
+    if marker.is_file() and json.loads((folder / "config.json").read_text()) == config:
+        return json.loads(marker.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator("cuda" if torch.cuda.is_available() else "cpu").manual_seed(0)
+    h, i, d = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
+    q, kv = shape["num_attention_heads"] * d, shape["num_key_value_heads"] * d
+    linear_bytes, shard, n_shard = 0, {}, 0
+
+    def add(name, tensors):
+        nonlocal linear_bytes
+        for suffix, t in tensors.items():
+            shard[f"{name}.{suffix}"] = t.cpu()
+            linear_bytes += t.numel() * t.element_size()
+
+    def flush():
+        nonlocal shard, n_shard
+        n_shard += 1
+        save_file(shard, folder / f"output-{n_shard:05d}.safetensors")
+        shard = {}
+
+    shard["model.embed_tokens.weight"] = (torch.randn(shape["vocab_size"], h, generator=gen, device=gen.device) * 0.02).half().cpu()
+    for layer in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        shard[f"{p}.input_layernorm.weight"] = torch.ones(h).half()
+        shard[f"{p}.post_attention_layernorm.weight"] = torch.ones(h).half()
+        for name, n, k in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+                           ("self_attn.o_proj", h, q), ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
+                           ("mlp.down_proj", h, i)]:
+            add(f"{p}.{name}", random_exl2(n, k, BODY, gen))
+        if layer % 8 == 7:
+            flush()
+    shard["model.norm.weight"] = torch.ones(h).half()
+    add("lm_head", random_exl2(shape["vocab_size"], h, HEAD, gen))
+    flush()
+    write_tokenizer(folder)
+    marker.write_text(json.dumps(linear_bytes))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return linear_bytes
+
+
+def timed(fn, repeats=3) -> float:
+    """Median seconds of fn() after one warm-up, synchronised."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = exlcore.load(folder, device="cuda", dtype=torch.float16)
+    torch.cuda.synchronize()
+    r = {"load_s": time.perf_counter() - t0}
+    gen = torch.Generator().manual_seed(1)
+    g = exlcore.Generator(model, max_seq_len=128 + steps + 8)
+    prompt = torch.randint(0, vocab, (128,), generator=gen).tolist()
+    for _ in range(2):  # the first run captures the CUDA graphs
+        for _ in g.tokens(prompt, steps, temperature=0, stop_ids=set()):
+            pass
+        prompt = prompt[1:] + prompt[:1]  # a new prompt: no cached prefix
+    r["decode_1"] = g.stats.decode_tokens_per_second
+    for batch in (4, 16):
+        ids = torch.randint(0, vocab, (batch, 128), generator=gen).cuda()
+
+        def run():
+            cache = model.new_cache(batch, 128 + steps)
+            model.forward(ids, cache, last_only=True)
+            for _ in range(steps):
+                model.forward(ids[:, :1], cache, last_only=True)
+
+        r[f"decode_{batch}"] = steps / (timed(run, 1) - timed(lambda: model.forward(ids, model.new_cache(batch, 128), True), 1))
+    x = torch.randint(0, vocab, (1, prefill), generator=gen).cuda()
+    r["prefill"] = prefill / timed(lambda: model.forward(x, model.new_cache(1, prefill), last_only=True))
+    r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    del model, g
+    return r
+
+
+def bench_exllamav2(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    config = ExLlamaV2Config(str(folder))
+    config.max_seq_len = max(prefill, 128 + steps + 8)
+    model = ExLlamaV2(config)
+    model.load()
+    torch.cuda.synchronize()
+    r = {"load_s": time.perf_counter() - t0}
+    gen = torch.Generator().manual_seed(1)
+    for batch in (1, 4, 16):
+        cache = ExLlamaV2Cache(model, batch_size=batch, max_seq_len=128 + steps + 8)
+        ids = torch.randint(0, vocab, (batch, 128), generator=gen)
+
+        def prefill_only():
+            cache.current_seq_len = 0
+            model.forward(ids, cache, last_id_only=True)
+
+        def run():
+            prefill_only()
+            for _ in range(steps):
+                model.forward(ids[:, :1], cache, last_id_only=True)
+
+        r[f"decode_{batch}"] = steps / (timed(run, 1) - timed(prefill_only, 1))
+        del cache
+    cache = ExLlamaV2Cache(model, max_seq_len=prefill)
+    x = torch.randint(0, vocab, (1, prefill), generator=gen)
+
+    def full():
+        cache.current_seq_len = 0
+        model.forward(x, cache, last_id_only=True)
+
+    r["prefill"] = prefill / timed(full)
+    r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    model.unload()
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=os.environ.get("OUT"))
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
+    p.add_argument("--skip-exllamav2", action="store_true")
+    args = p.parse_args()
+    shape = QUICK if args.quick else SHAPE
+    steps, prefill = (16, 64) if args.quick else (128, 2048)
+    folder = args.work / ("exl2-quick" if args.quick else "exl2-llama8b")
+    t0 = time.perf_counter()
+    weight_bytes = write_model(folder, shape)
+    print(f"model ready in {time.perf_counter() - t0:.0f} s: {weight_bytes / 1e9:.2f} GB of quantized linears",
+          flush=True)
+    rows = {"exlcore": bench_exlcore(folder, shape["vocab_size"], steps, prefill)}
+    print("exlcore", rows["exlcore"], flush=True)
+    if not args.skip_exllamav2:
+        rows["exllamav2"] = bench_exllamav2(folder, shape["vocab_size"], steps, prefill)
+        print("exllamav2", rows["exllamav2"], flush=True)
+    lines = ["| library | load s | peak GB | prefill tok/s | decode b1 tok/s | b1 GB/s | of 3.0 TB/s | b4 tok/s | b16 tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        gbps = weight_bytes * r["decode_1"] / 1e9
+        lines.append(f"| {name} | {r['load_s']:.1f} | {r['peak_gb']:.2f} | {r['prefill']:,.0f} | {r['decode_1']:.1f} | "
+                     f"{gbps:.0f} | {gbps * 1e9 / COPY_BANDWIDTH:.1%} | {r['decode_4']:.1f} | {r['decode_16']:.1f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "exl2.md").write_text(table + "\n")
+        (args.out / "exl2.json").write_text(json.dumps(dict(weight_bytes=weight_bytes, shape=shape, rows=rows,
+                                                            device=torch.cuda.get_device_name()), indent=2))
+
+
+if __name__ == "__main__":
+    main()
