@@ -10,7 +10,8 @@ from torch import nn
 
 from exlcore.cache import KVCache
 from exlcore.layers import Linear, RMSNorm
-from exlcore.rope import Rotary, apply_rotary
+from exlcore.ext import on
+from exlcore.rope import Rotary
 
 
 @dataclass
@@ -66,12 +67,17 @@ class Attention(nn.Module):
         v = self.v(x).view(B, T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(step.positions, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.rotary.apply(q, step.positions), self.rotary.apply(k, step.positions)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if step.cache is not None:
             k, v = step.cache.update(self.layer, k, v, step.positions[0], step.kv_len)
+            ext = on(q)
+            if T == 1 and ext is not None:  # one fused kernel for the whole decode-step attention
+                out = ext.decode_attention(q.reshape(B, self.heads, self.head_dim), step.cache.k[self.layer],
+                                           step.cache.v[self.layer], step.positions[:, 0], step.kv_len,
+                                           self.window or 0, self.scale, self.softcap or 0.0)
+                return self.o(out.view(B, 1, self.heads * self.head_dim))
         sdpa = self.softcap is None and T > 1
         mask = step.mask(self.window, is_causal_available=sdpa)
         if sdpa:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ["ext.cpp", "exl2.cu"]
+SOURCES = ["ext.cpp", "exl2.cu", "fused.cu"]
 
 
 @cache
@@ -34,3 +34,8 @@ def extension():
         print(f"exlcore: the CUDA extension did not build ({str(e).splitlines()[0]}); using the PyTorch "
               "reference path (EXLCORE_VERBOSE_BUILD=1 shows the build log)", file=sys.stderr)
         return None
+
+
+def on(t: torch.Tensor):
+    """The extension when `t` lives on a GPU and the extension is available, else None (reference path)."""
+    return extension() if t.is_cuda else None

@@ -5,9 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exlcore.ext import on
 from exlcore.formats import format_of, load_weight
 from exlcore.weights import Weights
 
+# Activations the extension fuses with the gate product (its code for each).
+FUSED_ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1}
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -72,6 +75,9 @@ class RMSNorm(nn.Module):
         self.weight = w.get(f"{self.key}.weight", (self.dim,), torch.float32) + self.offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ext = on(x)
+        if ext is not None:
+            return ext.rms_norm(x.contiguous(), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight).to(x.dtype)
@@ -83,13 +89,17 @@ class GatedMLP(nn.Module):
     def __init__(self, key: str, hidden: int, intermediate: int, act: str = "silu", bias: bool = False,
                  names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
         super().__init__()
-        self.act = ACTIVATIONS[act]
+        self.act, self.act_code = ACTIVATIONS[act], FUSED_ACTIVATIONS.get(act)
         self.gate = Linear(f"{key}.{names[0]}", hidden, intermediate, bias)
         self.up = Linear(f"{key}.{names[1]}", hidden, intermediate, bias)
         self.down = Linear(f"{key}.{names[2]}", intermediate, hidden, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        gate, up = self.gate(x), self.up(x)
+        ext = on(x)
+        if ext is not None and self.act_code is not None:
+            return self.down(ext.act_mul(gate.contiguous(), up.contiguous(), self.act_code))
+        return self.down(self.act(gate) * up)
 
 
 class SparseMoE(nn.Module):

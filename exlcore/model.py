@@ -67,7 +67,7 @@ class Model(nn.Module):
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ExlError(f"context overflow: {start + T} tokens exceed the cache's {cache.max_len}; raise max_seq_len")
-        positions = torch.arange(start, start + T, device=self.device).expand(B, T)
+        positions = torch.arange(start, start + T, device=self.device).repeat(B, 1)  # contiguous, for kernels
         logits = self.run(input_ids, Step(positions, cache, start + T, start, self.dtype), last_only)
         if cache is not None:
             cache.length += T

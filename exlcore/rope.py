@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from exlcore.errors import ExlError
+from exlcore.ext import on
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,14 @@ class Rotary:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin, self._seq_len = emb.cos() * scale, emb.sin() * scale, seq_len
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> cos, sin of shape (B, 1, T, dim), rotate-half layout."""
-        return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, T, heads, dim) by positions (B, T); in place through the extension on CUDA."""
+        ext = on(x)
+        if ext is not None:
+            ext.rotary_(x, self.cos, self.sin, positions)
+            return x
+        cos, sin = self.cos[positions][:, :, None].to(x.dtype), self.sin[positions][:, :, None].to(x.dtype)
+        return apply_rotary(x, cos, sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

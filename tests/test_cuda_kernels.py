@@ -70,3 +70,66 @@ def test_exl2_models_on_gpu_match_the_cpu_reference(name):
     full = model.forward(torch.tensor([prompt + tokens[:-1]]))[0, 15:]
     chosen = full.gather(-1, torch.tensor(tokens, device=full.device)[:, None])[:, 0]
     assert float((full.max(-1).values - chosen).max()) < 0.02 * float(full.abs().max())
+
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+
+
+def rel(a, b) -> float:
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [64, 576, 4096, 5000])
+def test_rms_norm(ext, dtype, dim):
+    x = torch.randn(3, 7, dim, dtype=dtype) * 3
+    w = torch.randn(dim) + 1
+    xf = x.double()
+    expected = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert rel(ext.rms_norm(x.cuda(), w.cuda(), 1e-5), expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [16, 64, 128, 256])
+def test_rotary(ext, dtype, dim):
+    from exlcore.rope import RopeConfig, Rotary, apply_rotary
+
+    rotary = Rotary(RopeConfig(theta=10000.0), dim)
+    rotary.prepare(600, torch.device("cpu"))
+    x = torch.randn(2, 5, 3, dim, dtype=dtype)
+    positions = torch.randint(0, 600, (2, 5))
+    expected = apply_rotary(x.double(), rotary.cos[positions][:, :, None].double(), rotary.sin[positions][:, :, None].double())
+    got = x.cuda()
+    ext.rotary_(got, rotary.cos.cuda(), rotary.sin.cuda(), positions.cuda())
+    assert rel(got, expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", [0, 1])
+def test_act_mul(ext, dtype, act):
+    gate, up = torch.randn(2, 3, 1000, dtype=dtype) * 3, torch.randn(2, 3, 1000, dtype=dtype)
+    g = gate.double()
+    a = torch.nn.functional.silu(g) if act == 0 else torch.nn.functional.gelu(g, approximate="tanh")
+    assert rel(ext.act_mul(gate.cuda(), up.cuda(), act), a * up.double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads,dim,window,softcap", [(4, 4, 64, 0, 0.0), (8, 2, 128, 0, 0.0),
+                                                              (9, 3, 64, 7, 0.0), (4, 2, 256, 0, 20.0)])
+def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap):
+    from exlcore.attention import explicit_attention
+
+    B, S, kv_len = 3, 320, 256
+    q = torch.randn(B, heads, dim, dtype=dtype)
+    k, v = torch.randn(B, kv_heads, S, dim, dtype=dtype), torch.randn(B, kv_heads, S, dim, dtype=dtype)
+    positions = torch.tensor([0, 100, 255])
+    j = torch.arange(kv_len)
+    mask = j <= positions[:, None]
+    if window:
+        mask &= j > positions[:, None] - window
+    scale = dim**-0.5
+    expected = explicit_attention(q.double()[:, :, None], k[:, :, :kv_len].double(), v[:, :, :kv_len].double(),
+                                  mask[:, None, None], scale, softcap or None)[:, :, 0]
+    got = ext.decode_attention(q.cuda(), k.cuda(), v.cuda(), positions.cuda(), kv_len, window, scale, softcap)
+    assert rel(got, expected) < TOL[dtype]

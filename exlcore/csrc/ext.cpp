@@ -3,7 +3,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cuda_bf16.h>
+
 #include "exl2.cuh"
+#include "fused.cuh"
 
 namespace {
 
@@ -55,9 +58,81 @@ torch::Tensor exl2_weight(const torch::Tensor& q_weight, const torch::Tensor& sc
     return w_t;
 }
 
+// Call f(pointer type tag) for the tensor's dtype: half, bfloat16 or float.
+template <typename F>
+void dispatch(const torch::Tensor& t, F&& f) {
+    if (t.dtype() == torch::kHalf) f(half{});
+    else if (t.dtype() == torch::kBFloat16) f(__nv_bfloat16{});
+    else if (t.dtype() == torch::kFloat) f(float{});
+    else TORCH_CHECK(false, "unsupported dtype ", t.dtype());
+}
+
+template <typename T>
+T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+torch::Tensor rms_norm_(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+    TORCH_CHECK(x.is_contiguous() && w.dtype() == torch::kFloat && w.is_contiguous(), "rms_norm: layout");
+    const c10::cuda::CUDAGuard guard(x.device());
+    auto out = torch::empty_like(x);
+    const int dim = (int)x.size(-1);
+    dispatch(x, [&](auto tag) {
+        using T = decltype(tag);
+        check(rms_norm<T>(ptr<T>(x), w.data_ptr<float>(), ptr<T>(out), (int)(x.numel() / dim), dim, (float)eps,
+                          at::cuda::getCurrentCUDAStream()), "rms_norm");
+    });
+    return out;
+}
+
+// In place on x (B, T, heads, D), contiguous; positions (B, T) int64.
+void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions) {
+    TORCH_CHECK(x.is_contiguous() && x.dim() == 4 && positions.is_contiguous() && cos.is_contiguous(), "rotary: layout");
+    const c10::cuda::CUDAGuard guard(x.device());
+    dispatch(x, [&](auto tag) {
+        using T = decltype(tag);
+        check(rotary<T>(ptr<T>(x), cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
+                        (int)(x.size(0) * x.size(1)), (int)x.size(2), (int)x.size(3), at::cuda::getCurrentCUDAStream()),
+              "rotary");
+    });
+}
+
+torch::Tensor act_mul_(const torch::Tensor& gate, const torch::Tensor& up, int64_t act) {
+    TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes(), "act_mul: layout");
+    const c10::cuda::CUDAGuard guard(gate.device());
+    auto out = torch::empty_like(gate);
+    dispatch(gate, [&](auto tag) {
+        using T = decltype(tag);
+        check(act_mul<T>(ptr<T>(gate), ptr<T>(up), ptr<T>(out), gate.numel(), (int)act,
+                         at::cuda::getCurrentCUDAStream()), "act_mul");
+    });
+    return out;
+}
+
+// q (B, H, D) one query per sequence; k, v (B, KVH, S, D) caches; positions (B,) int64.
+torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& positions, int64_t kv_len, int64_t window, double scale,
+                                double softcap) {
+    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && positions.is_contiguous(),
+                "decode_attention: layout");
+    const c10::cuda::CUDAGuard guard(q.device());
+    auto out = torch::empty_like(q);
+    dispatch(q, [&](auto tag) {
+        using T = decltype(tag);
+        check(decode_attention<T>(ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(out), positions.data_ptr<int64_t>(),
+                                  (int)q.size(0), (int)q.size(1), (int)k.size(1), (int)k.size(2), (int)q.size(2),
+                                  (int)kv_len, (int)window, (float)scale, (float)softcap,
+                                  at::cuda::getCurrentCUDAStream()),
+              "decode_attention");
+    });
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("exl2_matmul", &exl2_matmul, "x @ W^T for an EXL2 matrix");
     m.def("exl2_weight", &exl2_weight, "W^T (K, N) fp16 of an EXL2 matrix, in input-channel order");
+    m.def("rms_norm", &rms_norm_, "RMSNorm over the last dimension, fp32 math");
+    m.def("rotary_", &rotary_, "rotary embedding in place, rotate-half layout");
+    m.def("act_mul", &act_mul_, "act(gate) * up; act 0 = SiLU, 1 = tanh GELU");
+    m.def("decode_attention", &decode_attention_, "single-query attention over a KV cache");
 }
