@@ -37,7 +37,9 @@ def test_matmul_matches_reference(ext, mix, m):
     kernel = Exl2Matmul(ext, {s: v.cuda() for s, v in lin.pack().items()}, "layer", k, 224)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
     expected = x.double() @ lin.dequantize().double().T
-    got = kernel(x.cuda()).double().cpu()
+    # x as the head of a buffer that continues with NaN: a kernel reading past row m fails the check.
+    poisoned = torch.cat([x, torch.full((16, k), float("nan")).half()]).cuda()
+    got = kernel(poisoned[:m]).double().cpu()
     assert float((got - expected).norm() / expected.norm()) < 2e-3
 
 

@@ -50,32 +50,34 @@ __device__ __forceinline__ void walk(int bits, const int32_t* col, int N, int ro
     }
 }
 
-template <int M>
+// MAXM is the compile-time row capacity (registers); M <= MAXM the rows actually present.
+template <int MAXM>
 __global__ void __launch_bounds__(THREADS) gemv_kernel(Exl2Matrix w, const half* __restrict__ x,
-                                                       float* __restrict__ out) {
-    extern __shared__ float xs[];  // (M, rows of this group), gathered through perm
+                                                       float* __restrict__ out, int M) {
+    extern __shared__ float xs[];  // (MAXM, rows of this group), gathered through perm
     const int g = blockIdx.y, n = blockIdx.x * THREADS + threadIdx.x;
     const int first = w.group_row[g], rows = w.group_row[g + 1] - first;
     for (int i = threadIdx.x; i < rows; i += THREADS) {
         const int k = w.perm[first + i];
 #pragma unroll
-        for (int m = 0; m < M; m++) xs[m * rows + i] = __half2float(x[(size_t)m * w.K + k]);
+        for (int m = 0; m < MAXM; m++) xs[m * rows + i] = m < M ? __half2float(x[(size_t)m * w.K + k]) : 0.f;
     }
     __syncthreads();
     if (n >= w.N) return;
-    float acc[M];
+    float acc[MAXM];
 #pragma unroll
-    for (int m = 0; m < M; m++) acc[m] = 0.f;
+    for (int m = 0; m < MAXM; m++) acc[m] = 0.f;
     const int32_t* col = w.q_weight + (size_t)w.group_word[g] * w.N + n;
     walk(w.group_bits[g], col, w.N, rows, [&](int i, int q) {
         const float qf = float(q);
 #pragma unroll
-        for (int m = 0; m < M; m++) acc[m] += qf * xs[m * rows + i];
+        for (int m = 0; m < MAXM; m++) acc[m] += qf * xs[m * rows + i];
     });
     // The group's scale is common to all its rows in this column: apply it once.
     const float scale = __half2float(w.scales[(size_t)g * w.N + n]);
 #pragma unroll
-    for (int m = 0; m < M; m++) atomicAdd(out + (size_t)m * w.N + n, acc[m] * scale);
+    for (int m = 0; m < MAXM; m++)
+        if (m < M) atomicAdd(out + (size_t)m * w.N + n, acc[m] * scale);
 }
 
 __global__ void __launch_bounds__(THREADS) dequantize_kernel(Exl2Matrix w, half* __restrict__ w_t) {
@@ -89,28 +91,26 @@ __global__ void __launch_bounds__(THREADS) dequantize_kernel(Exl2Matrix w, half*
     });
 }
 
-template <int M>
-cudaError_t launch_gemv(const Exl2Matrix& w, const half* x, float* out, cudaStream_t stream) {
+template <int MAXM>
+cudaError_t launch_gemv(const Exl2Matrix& w, const half* x, float* out, int M, cudaStream_t stream) {
     const dim3 grid((w.N + THREADS - 1) / THREADS, w.G);
-    const size_t shared = sizeof(float) * M * w.max_group_rows;
+    const size_t shared = sizeof(float) * MAXM * w.max_group_rows;
     if (shared > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(gemv_kernel<M>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);
+        cudaError_t e = cudaFuncSetAttribute(gemv_kernel<MAXM>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);
         if (e != cudaSuccess) return e;
     }
-    gemv_kernel<M><<<grid, THREADS, shared, stream>>>(w, x, out);
+    gemv_kernel<MAXM><<<grid, THREADS, shared, stream>>>(w, x, out, M);
     return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t exl2_gemv(const Exl2Matrix& w, const half* x, float* out, int M, cudaStream_t stream) {
-    switch (M) {
-        case 1: return launch_gemv<1>(w, x, out, stream);
-        case 2: return launch_gemv<2>(w, x, out, stream);
-        case 3: case 4: return M == 3 ? launch_gemv<3>(w, x, out, stream) : launch_gemv<4>(w, x, out, stream);
-        case 5: case 6: case 7: case 8: return launch_gemv<8>(w, x, out, stream);  // rows past M are zero padding
-        default: return launch_gemv<MAX_M>(w, x, out, stream);
-    }
+    if (M == 1) return launch_gemv<1>(w, x, out, M, stream);
+    if (M == 2) return launch_gemv<2>(w, x, out, M, stream);
+    if (M <= 4) return launch_gemv<4>(w, x, out, M, stream);
+    if (M <= 8) return launch_gemv<8>(w, x, out, M, stream);
+    return launch_gemv<MAX_M>(w, x, out, M, stream);
 }
 
 cudaError_t exl2_dequantize(const Exl2Matrix& w, half* w_t, cudaStream_t stream) {

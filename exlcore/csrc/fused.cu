@@ -82,8 +82,9 @@ __global__ void act_mul_kernel(const T* __restrict__ gate, const T* __restrict__
 
 constexpr int ATTN_THREADS = 128;
 
-// Block per (sequence, query head): scores for every visible key into shared memory, softmax, then each
-// thread accumulates output dimensions over the keys (coalesced reads of v rows).
+// Block per (sequence, query head). Scores: each warp takes a key at a time, its lanes reading the key row
+// together (coalesced) and reducing by shuffles. Output: each thread owns dimensions and sums over the keys,
+// unrolled so the v loads are in flight together.
 template <typename T>
 __global__ void __launch_bounds__(ATTN_THREADS) decode_attention_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
@@ -93,6 +94,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) decode_attention_kernel(
     float* qs = smem;
     float* scores = smem + D;
     const int b = blockIdx.x / H, h = blockIdx.x % H, kvh = h / (H / KVH);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const int64_t pos = positions[b];
     const T* qrow = q + ((size_t)b * H + h) * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = to_float(qrow[d]);
@@ -100,30 +102,39 @@ __global__ void __launch_bounds__(ATTN_THREADS) decode_attention_kernel(
     const T* kb = k + ((size_t)b * KVH + kvh) * S * D;
     const T* vb = v + ((size_t)b * KVH + kvh) * S * D;
     float local_max = -INFINITY;
-    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+    for (int j = warp; j < kv_len; j += warps) {
         float s = -INFINITY;
         if (j <= pos && (window == 0 || j > pos - window)) {
             const T* krow = kb + (size_t)j * D;
             float dot = 0.f;
-            for (int d = 0; d < D; d++) dot += qs[d] * to_float(krow[d]);
+            for (int d = lane; d < D; d += 32) dot += qs[d] * to_float(krow[d]);
+            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
             s = dot * scale;
             if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
         }
-        scores[j] = s;
+        if (lane == 0) scores[j] = s;
         local_max = fmaxf(local_max, s);
     }
-    const float m = block_max(local_max);
+    const float m = block_max(local_max);  // its barriers also publish the scores
     float local_sum = 0.f;
     for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
         const float e = scores[j] == -INFINITY ? 0.f : __expf(scores[j] - m);
         scores[j] = e;
         local_sum += e;
     }
-    const float inv = 1.f / block_sum(local_sum);  // block_sum's barriers also publish the scores
+    const float inv = 1.f / block_sum(local_sum);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc = 0.f;
-        for (int j = 0; j < kv_len; j++) acc += scores[j] * to_float(vb[(size_t)j * D + d]);
-        out[((size_t)b * H + h) * D + d] = from_float<T>(acc * inv);
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        int j = 0;
+        for (; j + 8 <= kv_len; j += 8) {
+#pragma unroll
+            for (int u = 0; u < 8; u++) acc[u] += scores[j + u] * to_float(vb[(size_t)(j + u) * D + d]);
+        }
+        for (; j < kv_len; j++) acc[0] += scores[j] * to_float(vb[(size_t)j * D + d]);
+        float total = 0.f;
+#pragma unroll
+        for (int u = 0; u < 8; u++) total += acc[u];
+        out[((size_t)b * H + h) * D + d] = from_float<T>(total * inv);
     }
 }
 
