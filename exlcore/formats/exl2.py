@@ -31,10 +31,10 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, n = codes.shape
     if rows * bits % 32:
         raise ExlError(f"EXL2 pack: {rows} rows of {bits} bits do not fill whole 32-bit words")
-    offset = torch.arange(rows) * bits
+    offset = torch.arange(rows, device=codes.device) * bits
     word, shift = offset // 32, (offset % 32)[:, None]
     c = codes.to(torch.int64)
-    acc = torch.zeros(rows * bits // 32 + 1, n, dtype=torch.int64)
+    acc = torch.zeros(rows * bits // 32 + 1, n, dtype=torch.int64, device=codes.device)
     acc.index_add_(0, word, (c << shift) & 0xFFFFFFFF)
     acc.index_add_(0, word + 1, c >> (32 - shift))  # the part that spills into the next word (0 if none)
     return _as_int32(acc[:-1])
@@ -74,7 +74,7 @@ class Exl2Linear:
             start += words[-1].shape[0]
             first += rows
         n = self.codes.shape[1]
-        nibbles = (self.scale_codes - 1).view(-1, n // 8, 8) << (4 * torch.arange(8))
+        nibbles = (self.scale_codes - 1).view(-1, n // 8, 8) << (4 * torch.arange(8, device=self.codes.device))
         return {
             "q_weight": torch.cat(words),
             "q_groups": torch.tensor(groups, dtype=torch.int16),
