@@ -140,7 +140,6 @@ def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
     x = torch.randint(0, vocab, (1, prefill), generator=gen).cuda()
     r["prefill"] = prefill / timed(lambda: model.forward(x, model.new_cache(1, prefill), last_only=True))
     r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    del model, g
     return r
 
 

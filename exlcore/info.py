@@ -5,10 +5,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exlcore import plugins
-from exlcore.config import ModelConfig, architecture_of, read_config
+from exlcore.config import ModelConfig
 from exlcore.formats import format_of
 from exlcore.layers import Linear
+from exlcore.loader import read_model_config
 from exlcore.weights import Weights
 
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -52,10 +52,7 @@ def _format(w: Weights, key: str) -> str:
 
 def inspect(path) -> ModelInfo:
     folder = Path(path)
-    raw = read_config(folder)
-    arch = architecture_of(raw, folder)
-    spec = plugins.spec_for(arch)
-    cfg = spec.parse_config(raw, arch)
+    _, spec, cfg = read_model_config(folder)
     w = Weights(folder)
     sizes = {k: BYTES[i["dtype"]] * math.prod(i["shape"]) for k, (_, i) in w.index.items()}
     linears: dict[str, LinearGroup] = {}

@@ -5,9 +5,10 @@ from pathlib import Path
 import torch
 
 from exlcore import plugins
-from exlcore.config import architecture_of, read_config
+from exlcore.config import ModelConfig, architecture_of, read_config
 from exlcore.errors import ExlError
 from exlcore.model import Model
+from exlcore.spec import ArchitectureSpec
 from exlcore.tokenizer import Tokenizer
 from exlcore.weights import Weights
 
@@ -39,13 +40,18 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def load(path, device="cuda" if torch.cuda.is_available() else "cpu", dtype=None) -> Model:
-    """Load a model folder (config.json, *.safetensors, tokenizer files) of any registered architecture."""
-    folder = Path(path)
+def read_model_config(folder: Path) -> tuple[dict, ArchitectureSpec, ModelConfig]:
+    """config.json, the plugin spec for its architecture, and the config as that spec parses it."""
     raw = read_config(folder)
     arch = architecture_of(raw, folder)
     spec = plugins.spec_for(arch)
-    cfg = spec.parse_config(raw, arch)
+    return raw, spec, spec.parse_config(raw, arch)
+
+
+def load(path, device="cuda" if torch.cuda.is_available() else "cpu", dtype=None) -> Model:
+    """Load a model folder (config.json, *.safetensors, tokenizer files) of any registered architecture."""
+    folder = Path(path)
+    raw, spec, cfg = read_model_config(folder)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, spec.cuda_dtype)
     tokenizer = Tokenizer(folder, raw)  # before the weights: a missing tokenizer should fail fast

@@ -13,12 +13,6 @@ from safetensors import safe_open
 
 from exlcore.errors import ExlError
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 def read_header(path: Path) -> dict:
     """The safetensors header of one file, checked against the file's size."""

@@ -6,7 +6,6 @@ import torch
 
 import exlcore
 from exlcore.ext import extension
-from exlcore.formats import exl2
 from exlcore.formats.exl2_cuda import Exl2Matmul
 from test_exl2 import MIXES, random_linear
 

@@ -1,7 +1,6 @@
 """Generator behaviour on a tiny model: streaming, stop strings and ids, prefix reuse, seeds."""
 
 import pytest
-import torch
 
 import exlcore
 from tiny import make_tiny
