@@ -10,7 +10,7 @@ def parser() -> argparse.ArgumentParser:
     from exlcore import plugins
     from exlcore.cli import generate, inspect
 
-    p = argparse.ArgumentParser(prog="exl", description="Quantize and run LLMs (EXL2/EXL3) with exlcore.")
+    p = argparse.ArgumentParser(prog="exl", description="Run LLMs (Hugging Face, EXL2, GPTQ folders) with exlcore.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (generate, inspect):
         module.register(sub)
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         print("exl: error: out of memory; use a smaller model, --max-seq-len or --dtype float16", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        if "out of memory" not in str(e):
+        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
-        print(f"exl: error: out of GPU memory ({str(e).splitlines()[0]}); use a smaller model or --max-seq-len",
+        print(f"exl: error: out of memory ({str(e).splitlines()[0]}); use a smaller model or --max-seq-len",
               file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""exlcore: quantize LLMs to mixed-bitrate formats and run them fast, with architectures as plugins."""
+"""exlcore: run LLMs in mixed-bitrate formats (EXL2) and others fast on NVIDIA GPUs, with architectures as plugins."""
 
 from exlcore.errors import ExlError
 from exlcore.generator import Generator

@@ -14,6 +14,9 @@ from exlcore.ext import on
 from exlcore.rope import Rotary
 
 
+MAX_FUSED_KEYS = 8192
+
+
 @dataclass
 class Step:
     """What every layer needs to know about one forward pass."""
@@ -73,7 +76,8 @@ class Attention(nn.Module):
         if step.cache is not None:
             k, v = step.cache.update(self.layer, k, v, step.positions[0], step.kv_len)
             ext = on(q)
-            if T == 1 and ext is not None:  # one fused kernel for the whole decode-step attention
+            # One fused kernel for the decode step's attention; it keeps the scores in shared memory (48 KB).
+            if T == 1 and ext is not None and step.kv_len <= MAX_FUSED_KEYS:
                 out = ext.decode_attention(q.reshape(B, self.heads, self.head_dim), step.cache.k[self.layer],
                                            step.cache.v[self.layer], step.positions[:, 0], step.kv_len,
                                            self.window or 0, self.scale, self.softcap or 0.0)

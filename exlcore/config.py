@@ -25,9 +25,6 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
-    torch_dtype: str | None = None
-    bos_token_id: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
     # Per-layer attention kind, "full_attention" or "sliding_attention" (transformers' names).
     layer_types: list[str] = field(default_factory=list)
     sliding_window: int | None = None
@@ -71,12 +68,6 @@ def need(raw: dict, key: str, kind=int):
         raise ExlError(f"config.json: {key!r} = {raw[key]!r} is not a valid {kind.__name__}") from None
 
 
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, list) else [value])]
-
-
 def parse_common(raw: dict, architecture: str, **overrides) -> ModelConfig:
     """The fields every decoder-only transformer shares, under their Hugging Face names."""
     hidden = need(raw, "hidden_size")
@@ -91,23 +82,23 @@ def parse_common(raw: dict, architecture: str, **overrides) -> ModelConfig:
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-        head_dim=int(raw.get("head_dim") or hidden // heads),
+        head_dim=int(raw.get("head_dim") or hidden // max(heads, 1)),
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         rope=parse_rope(raw),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", False)),
         mlp_bias=bool(raw.get("mlp_bias", False)),
-        hidden_act=raw.get("hidden_act") or raw.get("hidden_activation") or "silu",
-        torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=_ids(raw.get("eos_token_id")),
+        hidden_act=raw.get("hidden_activation") or raw.get("hidden_act") or "silu",
         layer_types=list(raw.get("layer_types") or ["full_attention"] * layers),
         sliding_window=int(window) if window else None,
         raw=raw,
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)
+    if min(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, layers) <= 0 or cfg.num_heads % cfg.num_kv_heads:
+        raise ExlError(f"config.json: {cfg.num_heads} attention heads, {cfg.num_kv_heads} key/value heads, head_dim "
+                       f"{cfg.head_dim}: sizes must be positive and heads a multiple of key/value heads")
     if len(cfg.layer_types) != cfg.num_layers:
         raise ExlError(f"config.json: layer_types has {len(cfg.layer_types)} entries for {layers} layers")
     return cfg

@@ -1,4 +1,4 @@
-"""Perplexity and KL divergence over non-overlapping token windows."""
+"""Perplexity over non-overlapping token windows."""
 
 import math
 
@@ -14,7 +14,7 @@ def windows(ids: list[int], length: int, count: int | None = None) -> torch.Tens
     if count is not None:
         n = min(n, count)
     if n == 0:
-        raise ExlError(f"the text has {len(ids)} tokens, fewer than one window of {length}; use more text or -l")
+        raise ExlError(f"the text has {len(ids)} tokens, fewer than one window of {length}; use more text or shorter windows")
     return torch.tensor(ids[: n * length]).view(n, length)
 
 

@@ -42,6 +42,8 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 class Generator:
     def __init__(self, model: Model, max_seq_len: int | None = None):
+        if max_seq_len is not None and max_seq_len < 2:
+            raise ExlError(f"max_seq_len must be at least 2 tokens, not {max_seq_len}")
         self.model = model
         self.max_seq_len = max_seq_len or min(model.config.max_position_embeddings, 8192)
         self.cache = model.new_cache(1, self.max_seq_len)
@@ -86,13 +88,15 @@ class Generator:
                stop_ids: set[int] | None = None) -> Iterator[int]:
         """Yield new token ids until a stop id (the model's EOS ids when None) or max_new_tokens.
         temperature 0 (or top_k 1) is greedy; a seed makes sampling repeatable."""
+        settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
         ids = [int(i) for i in prompt_ids]
         if not ids:
             raise ExlError("empty prompt: give at least one token")
+        if max_new_tokens < 1:
+            raise ExlError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         if len(ids) + max_new_tokens > self.max_seq_len:
             raise ExlError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed max_seq_len "
                            f"{self.max_seq_len}; shorten the prompt or raise max_seq_len")
-        settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
         stop_ids = set(self.model.tokenizer.stop_ids) if stop_ids is None else stop_ids
         device = self.model.device
         rng = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

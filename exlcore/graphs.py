@@ -23,8 +23,17 @@ class DecodeGraphs:
         self.positions = torch.zeros((1, 1), dtype=torch.long, device=model.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        for rotary in model.rotaries:  # full-size tables now, so no capture ever allocates them
-            rotary.prepare(cache.max_len, model.device)
+        self.tables = None  # the rope table versions the graphs were captured with
+
+    def _check_tables(self):
+        """Size the rope tables for the whole cache before any capture, and drop the graphs if something
+        (a longer eager forward, another Generator) has replaced a table they read."""
+        for rotary in self.model.rotaries:
+            rotary.prepare(self.cache.max_len, self.model.device)
+        tables = [r.version for r in self.model.rotaries]
+        if tables != self.tables:
+            self.graphs.clear()
+            self.tables = tables
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
@@ -33,6 +42,7 @@ class DecodeGraphs:
         kv_len = min(-(-(position + 1) // BUCKET) * BUCKET, self.cache.max_len)
         self.ids.fill_(token)
         self.positions.fill_(position)
+        self._check_tables()
         if kv_len not in self.graphs:
             self.graphs[kv_len] = self._capture(kv_len)
         graph, logits = self.graphs[kv_len]

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exlcore.errors import ExlError
 from exlcore.ext import on
 from exlcore.formats import format_of, load_weight
 from exlcore.weights import Weights
@@ -89,6 +90,8 @@ class GatedMLP(nn.Module):
     def __init__(self, key: str, hidden: int, intermediate: int, act: str = "silu", bias: bool = False,
                  names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ExlError(f"config.json: activation {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
         self.act, self.act_code = ACTIVATIONS[act], FUSED_ACTIVATIONS.get(act)
         self.gate = Linear(f"{key}.{names[0]}", hidden, intermediate, bias)
         self.up = Linear(f"{key}.{names[1]}", hidden, intermediate, bias)

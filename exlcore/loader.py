@@ -37,6 +37,8 @@ def resolve_device(device) -> torch.device:
             raise ExlError("device 'cuda' asked for, but no CUDA GPU is available; use device='cpu'")
         if device.index is None:  # compare equal to the devices tensors report
             device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ExlError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 

@@ -103,6 +103,7 @@ class Rotary:
         self.cfg, self.dim = cfg, dim
         self.cos = self.sin = None
         self._seq_len = 0  # the sequence length a dynamic table was computed for
+        self.version = 0  # bumped whenever the tables are replaced (captured CUDA graphs hold the old ones)
 
     def prepare(self, seq_len: int, device: torch.device):
         if self.cfg.type == "dynamic":
@@ -117,6 +118,7 @@ class Rotary:
         freqs = torch.arange(size, device=device).float()[:, None] * inv.to(device)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin, self._seq_len = emb.cos() * scale, emb.sin() * scale, seq_len
+        self.version += 1
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (B, T, heads, dim) by positions (B, T); in place through the extension on CUDA."""

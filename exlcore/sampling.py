@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from exlcore.errors import ExlError
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -12,6 +14,16 @@ class SamplingSettings:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        checks = [(self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+                  (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)")]
+        for ok, message in checks:
+            if not ok:
+                raise ExlError(f"sampling: {message}")
 
     @property
     def greedy(self) -> bool:
@@ -40,7 +52,7 @@ def filter_logits(logits: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
     if s.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the first token always stays.
+        # Drop a token when the tokens ranked above it already cover top_p (> 0): the first always stays.
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= s.top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits

@@ -1,7 +1,9 @@
 """Lazy tensor access over a folder of safetensors files, with clear errors for damaged files.
 
-Every `*.safetensors` file in the folder is indexed from its header, so single files, shards with an
-index and shards without one (as EXL2 writes them) all load the same way; index files are not needed.
+Tensors are indexed from the files' own headers. A model.safetensors.index.json whose files all exist names
+the files to use (so stray copies such as a Mistral `consolidated.safetensors` are left alone); otherwise every
+`*.safetensors` file is used, which covers single files and shards without an index (as EXL2 writes them, and
+as it copies a stale index along).
 """
 
 import json
@@ -29,12 +31,28 @@ def read_header(path: Path) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ExlError(f"{path}: corrupt safetensors header (not JSON); re-download or re-convert it") from None
     header.pop("__metadata__", None)
+    for key, t in header.items():
+        if not (isinstance(t, dict) and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2
+                and isinstance(t.get("shape"), list) and isinstance(t.get("dtype"), str)):
+            raise ExlError(f"{path}: corrupt safetensors header (entry {key!r}); re-download or re-convert it")
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + n + end > size:
         raise ExlError(
             f"{path}: truncated safetensors file (needs {8 + n + end} bytes, has {size}); re-download or re-convert it"
         )
     return header
+
+
+def _model_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            named = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            named = []
+        if named and all(f.is_file() for f in named):
+            return named
+    return sorted(folder.glob("*.safetensors"))
 
 
 class Weights:
@@ -44,21 +62,19 @@ class Weights:
         self.folder = Path(folder)
         self.device = torch.device(device)
         self.quantization_config = quantization_config or {}  # config.json's, for formats that depend on it
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = _model_files(self.folder)
         if not files:
             raise ExlError(f"{self.folder}: no *.safetensors files; download the model's weights into this folder")
         self.index: dict[str, tuple[Path, dict]] = {}
         for path in files:
             for key, info in read_header(path).items():
+                if key in self.index:
+                    raise ExlError(f"{path}: tensor {key!r} is also in {self.index[key][0].name}; remove the stray file")
                 self.index[key] = (path, info)
         self._handles = {}
-        self.used: set[str] = set()
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
-
-    def keys(self):
-        return self.index.keys()
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.index[key][1]["shape"])
@@ -76,7 +92,6 @@ class Weights:
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
         tensor = self._handles[path].get_tensor(key)
-        self.used.add(key)
         tensor = tensor.to(self.device)  # cast after the move: the GPU does it faster
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)

@@ -68,8 +68,8 @@ def test_smollm2_on_gpu(smollm2_dir, smollm2_reference, dtype):
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3", "mistral_sliding"])
 def test_cuda_graph_decode_matches_eager(name, tmp_path, tiny_tokenizer_dir):
-    """Graph replay (padded KV buckets, positions on the device) gives the eager path's tokens and logits,
-    across a bucket boundary."""
+    """Graph replay (padded KV buckets, positions on the device) gives the eager path's greedy tokens, across
+    a bucket boundary."""
     make_tiny(name, tmp_path, tiny_tokenizer_dir)
     model = exlcore.load(tmp_path, device="cuda", dtype=torch.float32)
     prompt = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(3)).tolist()

@@ -71,6 +71,7 @@ CASES = {
     "wrong shape": (wrong_shape, r"'model.layers.1.mlp.up_proj.weight' has shape \(100, 64\), expected \(128, 64\)"),
     "missing tensor": (missing_tensor, r"'model.layers.2.self_attn.o_proj.weight' not found"),
     "no tokenizer": (lambda f: (f / "tokenizer.json").unlink(), r"no tokenizer.json or tokenizer.model"),
+    "bad head counts": (set_config(num_key_value_heads=3), r"4 attention heads, 3 key/value heads"),
     "bad rope": (set_config(rope_parameters={"rope_type": "wobbly", "rope_theta": 1e4}), r"rope type 'wobbly'"),
 }
 
@@ -97,3 +98,16 @@ def test_missing_folder_and_bad_options(tmp_path, good, capsys):
     assert "dtype 'float8' is not supported" in capsys.readouterr().err
     assert main(["chat", "-m", str(good), "--mode", "nonesuch", "--device", "cpu"]) == 1
     assert "--mode 'nonesuch' is unknown; registered modes: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--top-p", "0"], "sampling: top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "sampling: temperature must be >= 0"),
+    (["--min-p", "1.5"], "sampling: min_p must be in [0, 1)"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+    (["--max-seq-len", "-4"], "max_seq_len must be at least 2 tokens"),
+])
+def test_bad_generation_options(option, message, good, capsys):
+    assert main(["generate", "-m", str(good), "-p", "hi", "--device", "cpu", "--max-new-tokens", "8", *option]) == 1
+    err = capsys.readouterr().err
+    assert err == f"exl: error: {message}" + err[len("exl: error: ") + len(message):] and err.count("\n") == 1

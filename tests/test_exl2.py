@@ -171,6 +171,10 @@ BAD = {
                            r"q_groups describes 48 input rows; the layer has 64"),
     "truncated q_weight": (lambda t, k: t.__setitem__(f"{k}.q_weight", t[f"{k}.q_weight"][:-4]),
                            r"q_groups: group 1 spans -1 q_weight rows"),
+    "odd group rows": (lambda t, k: t.__setitem__(f"{k}.q_groups", torch.tensor([4, 0, 3, 5], dtype=torch.int16)),
+                       r"group 0 has 40 rows; EXL2 groups hold a multiple of 32 rows"),
+    "narrow q_weight": (lambda t, k: t.__setitem__(f"{k}.q_weight", t[f"{k}.q_weight"][:, :32].clone()),
+                        r"EXL2 tensor model.layers.1.self_attn.q_proj has 32 output columns, the layer 64"),
     "scale shape": (lambda t, k: t.__setitem__(f"{k}.q_scale", t[f"{k}.q_scale"][:, :2].clone()),
                     r"q_proj.q_scale has shape"),
 }

@@ -2,10 +2,12 @@
 chat_template.jinja, and `exl info` / `exl generate` on what was loaded."""
 
 import json
+import shutil
 
 import pytest
 import sentencepiece as spm
 import torch
+from safetensors.torch import save_file
 
 import exlcore
 from exlcore.cli import main
@@ -22,8 +24,16 @@ def test_sharded_with_and_without_index(tmp_path, tiny_tokenizer_dir):
     with torch.no_grad():
         expected = ref(ids).logits
     torch.testing.assert_close(exlcore.load(tmp_path, device="cpu").forward(ids), expected, rtol=1e-4, atol=1e-4)
-    (tmp_path / "model.safetensors.index.json").unlink()  # EXL2 folders have none
+    # A stray extra file is ignored while the index names the shards...
+    save_file({"layers.0.attention.wq.weight": torch.zeros(64, 64)}, tmp_path / "consolidated.safetensors")
     torch.testing.assert_close(exlcore.load(tmp_path, device="cpu").forward(ids), expected, rtol=1e-4, atol=1e-4)
+    (tmp_path / "consolidated.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").unlink()  # ...and without an index (EXL2 writes none), all load
+    torch.testing.assert_close(exlcore.load(tmp_path, device="cpu").forward(ids), expected, rtol=1e-4, atol=1e-4)
+    first = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    shutil.copy(first, tmp_path / "copy.safetensors")
+    with pytest.raises(exlcore.ExlError, match="is also in"):
+        exlcore.load(tmp_path, device="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -96,3 +106,15 @@ def test_exl_generate(tmp_path, tiny_tokenizer_dir, capsys):
     assert main(["generate", "-m", str(tmp_path), "-p", "Once upon", "--max-new-tokens", "10", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert captured.out == expected + "\n" and "tokens/s" in captured.err
+
+
+@pytest.mark.parametrize("mode", ["chatml", "gemma", "llama3", "mistral"])
+def test_fallback_templates_keep_every_turn(mode):
+    from exlcore import chat, plugins
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye now"}]
+    prompt = chat.render(plugins.chat_templates()[mode], messages, True, bos_token="<s>", eos_token="</s>")
+    positions = [prompt.index(t) for t in ("Be brief.", "Hi there", "Hello.", "Bye now")]
+    assert positions == sorted(positions)
+    assert not prompt.endswith("Bye now")  # the generation prompt (or [/INST]) follows the last turn

@@ -19,6 +19,8 @@ GEMMA1, GEMMA2, GEMMA3 = "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCaus
 
 def parse_config(raw: dict, architecture: str) -> ModelConfig:
     cfg = parse_common(raw, architecture, tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)))
+    if cfg.hidden_act == "gelu":  # older Gemma configs say "gelu"; the reference runs the tanh approximation
+        cfg.hidden_act = "gelu_pytorch_tanh"
     if architecture == GEMMA1:
         return cfg
     if "layer_types" not in raw:  # checkpoints from before transformers wrote layer_types
@@ -82,9 +84,11 @@ def register_architectures(register):
     register(SPEC)
 
 
+# Gemma has no system role: a system message is prefixed to the first user turn.
 GEMMA = (
-    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-    "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{{ bos_token }}{% set sys = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' %}"
+    "{% for m in messages if m['role'] != 'system' %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ sys if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 

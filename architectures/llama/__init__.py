@@ -11,7 +11,9 @@ from exlcore.spec import ArchitectureSpec, Calibration
 
 def parse_config(raw: dict, architecture: str) -> ModelConfig:
     cfg = parse_common(raw, architecture)
-    if cfg.sliding_window:  # Mistral: every layer slides
+    if architecture == "LlamaForCausalLM":
+        cfg.sliding_window = None  # Llama ignores the key where a config carries it
+    elif cfg.sliding_window:  # Mistral (and Mixtral): every layer slides
         cfg.layer_types = ["sliding_attention"] * cfg.num_layers
     return cfg
 

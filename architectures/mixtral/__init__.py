@@ -41,9 +41,12 @@ def register_architectures(register):
     register(SPEC)
 
 
+# Mistral has no system role: a system message is prefixed to the first user turn.
 MISTRAL = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{{ bos_token }}{% set sys = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' %}"
+    "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+    "[INST] {{ sys if loop.first else '' }}{{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 
 

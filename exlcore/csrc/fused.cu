@@ -166,12 +166,8 @@ template <typename T>
 cudaError_t decode_attention(const T* q, const T* k, const T* v, T* out, const int64_t* positions, int B, int H,
                              int KVH, int S, int D, int kv_len, int window, float scale, float softcap,
                              cudaStream_t stream) {
-    const size_t shared = sizeof(float) * (D + kv_len);
-    if (shared > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(decode_attention_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             (int)shared);
-        if (e != cudaSuccess) return e;
-    }
+    const size_t shared = sizeof(float) * (D + kv_len);  // callers keep this within the default 48 KB
+    if (shared > 48 * 1024) return cudaErrorInvalidValue;
     decode_attention_kernel<T><<<B * H, ATTN_THREADS, shared, stream>>>(q, k, v, out, positions, H, KVH, S, D, kv_len,
                                                                        window, scale, softcap);
     return cudaGetLastError();

@@ -3,6 +3,7 @@
 
 import torch
 
+from exlcore.errors import ExlError
 from exlcore.ext import extension
 from exlcore.formats import exl2, gptq
 from exlcore.formats.exl2_cuda import Exl2Matmul
@@ -27,6 +28,11 @@ def load_weight(w: Weights, key: str, in_features: int, out_features: int, dtype
     fmt = format_of(w, key)
     if fmt == "dense":
         return w.get(f"{key}.weight", (out_features, in_features), dtype)
+    width = w.shape(f"{key}.q_weight" if fmt == "exl2" else f"{key}.qweight")[1]
+    # EXL2 pads a head's outputs to a multiple of 32; anything else must match the layer.
+    if not out_features <= width < out_features + (32 if fmt == "exl2" else 1):
+        raise ExlError(f"{fmt.upper()} tensor {key} has {width} output columns, the layer {out_features}; "
+                       "the weights and config.json do not belong together")
     ext = extension() if w.device.type == "cuda" else None
     if fmt == "exl2" and ext is not None:
         return Exl2Matmul(ext, _tensors(w, key, exl2.SUFFIXES), key, in_features, out_features)

@@ -115,8 +115,13 @@ def layout(tensors: dict[str, torch.Tensor], key: str, in_features: int) -> tupl
         if span <= 0 or span * 32 % b:
             raise ExlError(f"EXL2 tensor {key}.q_groups: group {i} spans {span} q_weight rows, not whole {b}-bit rows")
         rows.append(span * 32 // b)
+        if rows[-1] % (16 if b % 2 == 0 else 32):
+            raise ExlError(f"EXL2 tensor {key}.q_groups: group {i} has {rows[-1]} rows; EXL2 groups hold a multiple "
+                           f"of 32 rows (16 for even bit widths)")
     if sum(rows) != in_features:
         raise ExlError(f"EXL2 tensor {key}.q_groups describes {sum(rows)} input rows; the layer has {in_features}")
+    if n % 8:
+        raise ExlError(f"EXL2 tensor {key}.q_weight has {n} columns; EXL2 stores a multiple of 8 (32 in practice)")
     expected = {"q_scale": (g, n // 8), "q_scale_max": (g,), "q_invperm": (in_features,)}
     for suffix, shape in expected.items():
         if tuple(tensors[suffix].shape) != shape:

@@ -24,7 +24,11 @@ class Exl2Matmul:
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ext.exl2_matmul(x.reshape(-1, x.shape[-1]).half().contiguous(), *self.args)
+        if x.dtype != torch.float16:
+            # The kernels take fp16 activations; bf16 models (Gemma) would overflow there, so they multiply
+            # by a dequantized copy in their own dtype instead (correct, not fast).
+            return x @ self.ext.exl2_weight(*self.args)[:, : self.out_features].to(x.dtype)
+        y = self.ext.exl2_matmul(x.reshape(-1, x.shape[-1]).contiguous(), *self.args)
         return y.to(x.dtype).view(*x.shape[:-1], -1)[..., : self.out_features]
 
     def weight(self) -> torch.Tensor:
