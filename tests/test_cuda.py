@@ -81,3 +81,19 @@ def test_cuda_graph_decode_matches_eager(name, tmp_path, tiny_tokenizer_dir):
             gen.graphs = None
         runs.append(list(gen.tokens(prompt, 260, temperature=0, stop_ids=set())))
     assert runs[0] == runs[1] and len(runs[0]) == 260
+
+
+def test_graphs_recapture_after_the_rope_table_grows(tmp_path, tiny_tokenizer_dir):
+    """A forward longer than the rope table replaces it; graphs captured before must not read the old one."""
+    make_tiny("llama", tmp_path, tiny_tokenizer_dir, max_position_embeddings=8192)
+    model = exlcore.load(tmp_path, device="cuda", dtype=torch.float32)
+    prompt = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    gen = exlcore.Generator(model, max_seq_len=320)
+    first = list(gen.tokens(prompt, 30, temperature=0, stop_ids=set()))
+    model.forward(torch.randint(3, 512, (1, 5000)))  # grows every rope table past its first 4096 rows
+    torch.cuda.empty_cache()
+    torch.zeros(64 << 20, device="cuda")  # reuse freed memory, so a stale table would read garbage
+    again = list(gen.tokens(prompt[1:] + prompt[:1], 30, temperature=0, stop_ids=set()))
+    gen.graphs = None
+    eager = list(gen.tokens(prompt[1:] + prompt[:1], 30, temperature=0, stop_ids=set()))
+    assert again == eager and len(first) == 30
