@@ -1,11 +1,15 @@
-"""Perplexity over non-overlapping token windows."""
+"""Perplexity, and KL divergence against a reference model, over non-overlapping token windows."""
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from exlcore.errors import ExlError
 from exlcore.model import Model
+
+EVALUATION_TEXT = Path(__file__).parent / "data" / "wiki_eval.utf8"
 
 
 def windows(ids: list[int], length: int, count: int | None = None) -> torch.Tensor:
@@ -18,15 +22,31 @@ def windows(ids: list[int], length: int, count: int | None = None) -> torch.Tens
     return torch.tensor(ids[: n * length]).view(n, length)
 
 
+@dataclass
+class Evaluation:
+    perplexity: float
+    kl_divergence: float | None  # mean over predicted positions of KL(p_reference || p_model)
+    tokens: int  # predicted positions
+
+
 @torch.inference_mode()
-def perplexity(model: Model, rows: torch.Tensor, batch: int = 1) -> float:
-    """exp(mean negative log-likelihood) of each next token within each row."""
-    total, count = 0.0, 0
+def evaluate(model: Model, rows: torch.Tensor, reference: Model | None = None, batch: int = 1) -> Evaluation:
+    """Score every next token within each row; with a reference, also the KL divergence from it."""
+    nll, kl, count = 0.0, 0.0, 0
     for i in range(0, rows.shape[0], batch):
         chunk = rows[i:i + batch].to(model.device)
-        logits = model.forward(chunk)[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
-                                                reduction="sum")
-        total += float(nll)
-        count += chunk[:, 1:].numel()
-    return math.exp(total / count)
+        logp = torch.log_softmax(model.forward(chunk)[:, :-1], dim=-1)
+        targets = chunk[:, 1:]
+        nll -= float(logp.gather(-1, targets[..., None]).sum())
+        count += targets.numel()
+        if reference is not None:
+            ref = torch.log_softmax(reference.forward(chunk.to(reference.device))[:, :-1], dim=-1).to(logp.device)
+            if ref.shape != logp.shape:
+                raise ExlError(f"the reference model's vocabulary ({ref.shape[-1]}) differs from the model's "
+                               f"({logp.shape[-1]}); compare models of the same tokenizer")
+            kl += float((ref.exp() * (ref - logp)).sum())
+    return Evaluation(math.exp(nll / count), kl / count if reference is not None else None, count)
+
+
+def perplexity(model: Model, rows: torch.Tensor, batch: int = 1) -> float:
+    return evaluate(model, rows, batch=batch).perplexity
