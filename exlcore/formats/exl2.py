@@ -168,11 +168,34 @@ def group_layout(in_features: int, option: list[tuple[float, int, int]]) -> list
     return layout
 
 
-def quantize_rtn(weight: torch.Tensor, layout: list[tuple[int, int]], perm: torch.Tensor | None = None,
-                 p_grid: int = 96) -> Exl2Linear:
-    """Round-to-nearest EXL2 quantization of a (N, K) weight with ExLlamaV2's scale search: per column a
-    4-bit code on a square-root scale of the group maximum, and one factor per group (p_grid + 1 values in
-    [0.7, 1.2]) chosen to minimise the sum of |error|^3.5. GPTQ (the converter) adds error feedback on top."""
+def group_scales(w: torch.Tensor, bits: int, p_grid: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    """ExLlamaV2's scale search for one group's rows (rows, N): per column a 4-bit code on a square-root
+    scale of the group maximum, and one factor per group (p_grid + 1 values in [0.7, 1.2]) chosen to minimise
+    the sum of |error|^3.5. Returns the scale codes (N,) in [1, 16] and q_scale_max (fp16 scalar)."""
+    half, top = 1 << (bits - 1), (1 << bits) - 1
+    base = w.abs().amax(0) / (top / 2)
+    peak = base.max().clamp(min=1e-10)
+    codes = (16 * (base / peak).sqrt()).round().clamp(1, 16)
+    best = None
+    for p in torch.linspace(0.7, 1.2, p_grid + 1).tolist():
+        smax = (peak * p).half()
+        scale = (codes.square().half() * (smax / 256)).float()
+        err = (((w / scale).round().clamp(-half, top - half) * scale - w).abs() ** 3.5).sum()
+        if best is None or err < best[0]:
+            best = (err, smax)
+    return codes.to(torch.int64), best[1]
+
+
+def quantize_rows(w: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
+    """Codes in [0, 2^bits) for rows (.., N) of one group, rounding to the nearest step of `scale` (N,)."""
+    half = 1 << (bits - 1)
+    return ((w / scale).round().clamp(-half, half - 1) + half).to(torch.int64)
+
+
+def quantize_rtn(weight: torch.Tensor, layout: list[tuple[int, int]], perm: torch.Tensor | None = None
+                 ) -> Exl2Linear:
+    """Round-to-nearest EXL2 quantization of a (N, K) weight, each group scaled by `group_scales`.
+    GPTQ (exlcore.quantize) adds error feedback on top."""
     n, k = weight.shape
     perm = torch.arange(k) if perm is None else perm
     rows_t = weight.T.float()[perm]
@@ -180,20 +203,9 @@ def quantize_rtn(weight: torch.Tensor, layout: list[tuple[int, int]], perm: torc
     for bits, rows in layout:
         w = rows_t[first:first + rows]
         first += rows
-        half, top = 1 << (bits - 1), (1 << bits) - 1
-        base = w.abs().amax(0) / (top / 2)
-        peak = base.max().clamp(min=1e-10)
-        c = (16 * (base / peak).sqrt()).round().clamp(1, 16)
-        best = None
-        for p in torch.linspace(0.7, 1.2, p_grid + 1).tolist():
-            smax = (peak * p).half()
-            scale = (c.square().half() * (smax / 256)).float()
-            q = (w / scale).round().clamp(-half, top - half)
-            err = ((q * scale - w).abs() ** 3.5).sum()
-            if best is None or err < best[0]:
-                best = (err, q + half, smax)
-        codes.append(best[1].to(torch.int64))
-        scale_codes.append(c.to(torch.int64))
-        scale_max.append(best[2])
+        c, smax = group_scales(w, bits)
+        codes.append(quantize_rows(w, bits, scales(c[None], smax[None])[0].float()))
+        scale_codes.append(c)
+        scale_max.append(smax)
     return Exl2Linear(torch.cat(codes), [b for b, _ in layout], [r for _, r in layout], torch.stack(scale_codes),
                       torch.stack(scale_max), perm)
