@@ -68,5 +68,19 @@ def chat(args):
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, template=template)
+        prompt = fit(messages, tok, template, gen.max_seq_len - args.max_new_tokens)
         messages.append({"role": "assistant", "content": _stream(gen, prompt, args, add_bos=False).strip()})
+
+
+def fit(messages: list[dict], tok, template: str | None, budget: int) -> str:
+    """The prompt for `messages`, dropping the oldest exchanges (never the system message or the new turn)
+    until it fits in `budget` tokens."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    while True:
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, template=template)
+        if len(tok.encode(prompt, add_bos=False)) <= budget:
+            return prompt
+        if len(messages) - first <= 1:
+            raise ExlError(f"the message does not fit in the context ({budget} tokens left after --max-new-tokens); "
+                           "shorten it or raise --max-seq-len")
+        del messages[first:first + 2]  # the oldest user turn and its answer

@@ -118,3 +118,18 @@ def test_fallback_templates_keep_every_turn(mode):
     positions = [prompt.index(t) for t in ("Be brief.", "Hi there", "Hello.", "Bye now")]
     assert positions == sorted(positions)
     assert not prompt.endswith("Bye now")  # the generation prompt (or [/INST]) follows the last turn
+
+
+def test_exl_chat_drops_old_turns_to_fit(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
+    import io
+
+    make_tiny("llama", tmp_path, tiny_tokenizer_dir)
+    turns = ["Once upon a time there was a little fox who lived in the woods near a river."] * 4
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(turns) + "\n"))
+    assert main(["chat", "-m", str(tmp_path), "--device", "cpu", "--max-seq-len", "80", "--max-new-tokens", "8",
+                 "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("tokens/s") == 4  # every turn answered although the history outgrew the context
+    monkeypatch.setattr("sys.stdin", io.StringIO(" ".join(turns * 3) + "\n"))
+    assert main(["chat", "-m", str(tmp_path), "--device", "cpu", "--max-seq-len", "80", "--max-new-tokens", "8"]) == 1
+    assert "does not fit in the context" in capsys.readouterr().err
