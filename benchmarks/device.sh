@@ -3,7 +3,10 @@
 # Expects in the working tree: .whl/gguf/ with the gguf wheel (and the SmolLM2 wheel, or its parts staged in
 # $HOME/stage by an earlier call), .shared/data with wiki.utf8 and tiny.utf8, and for the exllamav2 steps
 # .whl/exl with the exllamav2 0.3.2 wheel. Logs and tables go to $OUT.
+# The convert-* steps (benchmarks/convert.py) keep their state in $HOME/convert and resume there on the next call
+# of a warm machine; none starts a conversion that would end past CONVERT_BUDGET_S (default 550) into this call.
 set -uo pipefail
+export CONVERT_DEADLINE=$(( $(date +%s) + ${CONVERT_BUDGET_S:-550} ))
 export PYTHONUNBUFFERED=1 EXLCORE_SHARED_DIR=$PWD/.shared EXLCORE_SMOLLM2_DIR=$HOME/smollm2
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=$PWD/.build/torch_ext EXLCORE_BUILD_DIR=$PWD/.build/exlcore
 python3 -m pip install -q --no-deps --no-build-isolation -e . .whl/gguf/gguf-*.whl >"$OUT/install.log" 2>&1 \
@@ -28,5 +31,16 @@ for step in "$@"; do
       | tee "$OUT/bench_exl2.log" | tail -8 ;;
     exl2-fixtures) with_exllamav2 python3 tests/fixtures/make_exllamav2.py "$HOME/fixtures" "$OUT" 2>&1 \
       | tee "$OUT/fixtures.log" | tail -8 ;;
+    convert-exllamav2) with_exllamav2 python3 benchmarks/convert.py --work "$HOME/convert" --out "$OUT" smollm2-exllamav2 \
+      2>&1 | tee "$OUT/convert_exllamav2.log" | tail -14 ;;
+    convert-exlcore) python3 benchmarks/convert.py --work "$HOME/convert" --out "$OUT" smollm2-exlcore 2>&1 \
+      | tee "$OUT/convert_exlcore.log" | tail -14 ;;
+    convert-eval) with_exllamav2 python3 benchmarks/convert.py --work "$HOME/convert" --out "$OUT" eval 2>&1 \
+      | tee "$OUT/convert_eval.log" | tail -20 ;;
+    convert-1b) with_exllamav2 python3 benchmarks/convert.py --work "$HOME/convert" --out "$OUT" 1b 2>&1 \
+      | tee "$OUT/convert_1b.log" | tail -10 ;;
+    convert-1b-layers) with_exllamav2 python3 benchmarks/convert.py --work "$HOME/convert" --out "$OUT" 1b-layers 2>&1 \
+      | tee "$OUT/convert_1b_layers.log" | tail -10 ;;
+    convert-report) python3 benchmarks/convert.py --work "$HOME/convert" --out "$OUT" report | tail -80 ;;
   esac
 done

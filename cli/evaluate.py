@@ -21,30 +21,16 @@ def register(sub):
 
 
 def read_text(args) -> str:
+    from exlcore.calibration import read_parquet_text
     from exlcore.evaluate import EVALUATION_TEXT
 
     if args.parquet is not None:
-        return read_parquet(args.parquet)
+        return read_parquet_text(args.parquet)
     path = args.text or EVALUATION_TEXT
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ExlError(f"{path}: cannot be read as UTF-8 text ({e})") from None
-
-
-def read_parquet(path: Path) -> str:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as e:
-        raise ExlError(f"{path}: cannot be read as parquet ({e})") from None
-    columns = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    if not columns:
-        raise ExlError(f"{path}: no text column (columns: {', '.join(table.column_names)}); give a parquet with one")
-    column = "text" if "text" in columns else columns[0]
-    return "\n\n".join(t for t in table.column(column).to_pylist() if t)
 
 
 def ppl(args):

@@ -11,6 +11,15 @@ from exlcore.layers import Embedding, Head, RMSNorm
 from exlcore.weights import Weights
 
 
+def load_module(module: nn.Module, w: Weights, dtype: torch.dtype):
+    """Every component under `module` that defines `load` reads its own tensors and those of its children."""
+    for child in module.children():
+        if hasattr(child, "load"):
+            child.load(w, dtype)
+        else:
+            load_module(child, w, dtype)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x += mlp(norm(x + attn(norm(x)))). The optional post-norms make Gemma 2/3's
     sandwich form. Architectures with another block shape supply their own module with the same forward."""
@@ -46,17 +55,8 @@ class Model(nn.Module):
         self.tokenizer = None
 
     def load(self, w: Weights, dtype: torch.dtype):
-        """Every component that defines `load` reads its own tensors and those of its children."""
         self.dtype, self.device = dtype, w.device
-
-        def visit(module: nn.Module):
-            if module is not self and hasattr(module, "load"):
-                module.load(w, dtype)
-            else:
-                for child in module.children():
-                    visit(child)
-
-        visit(self)
+        load_module(self, w, dtype)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:

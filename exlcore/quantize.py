@@ -1,11 +1,17 @@
 """GPTQ for EXL2 (facts: shared/reference/exl2-format.md, sections 1.4-1.6 and 2): input channels in
 activation order, groups of mixed bit widths over that order, ExLlamaV2's per-group scale search run on the
-error-updated rows as each group starts, and GPTQ's error feedback through the inverse Hessian."""
+error-updated rows as each group starts, and GPTQ's error feedback through the inverse Hessian.
+
+Every matrix that reads the same inputs shares the Hessian, its inverse and the act order, and GPTQ treats
+output columns independently, so such matrices (q/k/v, or one matrix under many candidate layouts) are
+quantized together as the column blocks of one wide matrix: one pass over the rows serves them all."""
+
+from collections import defaultdict
 
 import torch
 
 from exlcore.errors import ExlError
-from exlcore.formats.exl2 import Exl2Linear, group_scales, quantize_rows, scales
+from exlcore.formats.exl2 import Exl2Linear, group_scales, scales
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -14,46 +20,71 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return x.T @ x
 
 
-def gptq(weight: torch.Tensor, h: torch.Tensor, layout: list[tuple[int, int]], damp: float = 0.01,
-         block: int = 128) -> Exl2Linear:
-    """Quantize a (N, K) weight given the Hessian h (K, K) of its inputs into the groups of `layout`
-    [(bits, rows)], widest first. Returns the unpacked EXL2 linear (pack() gives its tensors)."""
-    n, k = weight.shape
-    if sum(rows for _, rows in layout) != k:
-        raise ExlError(f"GPTQ: the group layout covers {sum(r for _, r in layout)} rows, the weight has {k}")
+def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in fp64; more damping if H is singular."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(4):
+        try:
+            damped = h + damp * 10**attempt * h.diagonal().mean() * eye
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+        except torch.linalg.LinAlgError:
+            pass
+    raise ExlError("GPTQ: the Hessian is not positive definite even after damping; use more calibration data")
+
+
+def gptq(weights: list[torch.Tensor], layouts: list[list[tuple[int, int]]], h: torch.Tensor,
+         damp: float = 0.01) -> list[Exl2Linear]:
+    """Quantize each (N_i, K) weight into the groups of its layout [(bits, rows)], widest first, given the
+    Hessian h (K, K) of their common inputs. Returns the unpacked EXL2 linears (pack() gives their tensors),
+    on h's device."""
+    k = h.shape[0]
+    for w, layout in zip(weights, layouts):
+        if sum(rows for _, rows in layout) != k or w.shape[1] != k:
+            raise ExlError(f"GPTQ: a layout covers {sum(r for _, r in layout)} rows, the weight has {w.shape[1]}, "
+                           f"the Hessian {k}")
     h = h.double().clone()
     dead = h.diagonal() == 0  # inputs never seen: any weight is as good as another there
     h[dead, dead] = 1
     perm = torch.argsort(h.diagonal(), descending=True)  # activation order: most salient channels first
-    w = weight.T.double()[perm].clone()
+    u = _inverse_factor(h[perm][:, perm], damp).float()
+    w = torch.cat([x.T.float() for x in weights], 1)[perm]  # (K, C): all matrices side by side
     w[dead[perm]] = 0
-    h = h[perm][:, perm]
-    h += damp * h.diagonal().mean() * torch.eye(k, dtype=h.dtype, device=h.device)
-    try:
-        inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise ExlError("GPTQ: the Hessian is not positive definite even after damping; use more calibration "
-                       "data or a larger damping") from None
+    c = w.shape[1]
 
-    starts = torch.tensor([0] + [r for _, r in layout]).cumsum(0).tolist()
-    group_of_row = [g for g, (_, rows) in enumerate(layout) for _ in range(rows)]
-    codes = torch.empty(k, n, dtype=torch.int64, device=w.device)
-    scale_codes, scale_max, scale = [], [], None
-    for b0 in range(0, k, block):
-        b1 = min(b0 + block, k)
-        err = torch.zeros(b1 - b0, n, dtype=w.dtype, device=w.device)
-        for i in range(b0, b1):
-            g = group_of_row[i]
-            bits = layout[g][0]
-            if i == starts[g]:  # a group begins: its scales come from its rows as updated so far
-                c, smax = group_scales(w[i:starts[g + 1]].float(), bits)
-                scale_codes.append(c)
-                scale_max.append(smax)
-                scale = scales(c[None], smax[None])[0].double()
-            codes[i] = quantize_rows(w[i], bits, scale)
-            e = (w[i] - (codes[i] - (1 << (bits - 1))) * scale) / inv[i, i]
-            w[i + 1:b1] -= inv[i, i + 1:b1, None] * e  # feed the error forward within the block
-            err[i - b0] = e
-        w[b1:] -= inv[b0:b1, b1:].T @ err  # and to every later row at once
-    return Exl2Linear(codes.cpu(), [b for b, _ in layout], [r for _, r in layout], torch.stack(scale_codes).cpu(),
-                      torch.stack(scale_max).cpu(), perm.cpu())
+    # Which column blocks start a group at which row, batched by the group's shape.
+    cols = torch.tensor([0] + [x.shape[0] for x in weights]).cumsum(0).tolist()
+    starts = defaultdict(lambda: defaultdict(list))  # row -> (rows, bits) -> [matrix index]
+    for i, layout in enumerate(layouts):
+        row = 0
+        for bits, rows in layout:
+            starts[row][rows, bits].append(i)
+            row += rows
+    bounds = sorted(starts) + [k]
+
+    codes = torch.empty(k, c, dtype=torch.int16, device=w.device)
+    scale, half = torch.empty(c, device=w.device), torch.empty(c, device=w.device)
+    fitted = [([], []) for _ in weights]  # per matrix: scale codes and scale max of each group
+    for b0, b1 in zip(bounds, bounds[1:]):
+        for (rows, bits), members in starts[b0].items():
+            idx = torch.cat([torch.arange(cols[i], cols[i + 1], device=w.device) for i in members])
+            seg = torch.repeat_interleave(torch.arange(len(members), device=w.device),
+                                          torch.tensor([cols[i + 1] - cols[i] for i in members], device=w.device))
+            sc, smax = group_scales(w[b0:b0 + rows, idx], bits, seg, len(members))
+            scale[idx] = scales(sc[None], smax[seg][None])[0].float()
+            half[idx] = 1 << (bits - 1)
+            for j, i in enumerate(members):
+                fitted[i][0].append(sc[seg == j])
+                fitted[i][1].append(smax[j])
+        err = torch.empty(b1 - b0, c, device=w.device)
+        for r in range(b0, b1):  # the rows of a block, each feeding its error to the rows after it
+            q = torch.clamp((w[r] / scale).round(), -half, half - 1)
+            err[r - b0] = (w[r] - q * scale) / u[r, r]
+            w[r + 1:b1].addr_(u[r, r + 1:b1], err[r - b0], alpha=-1)
+            codes[r] = (q + half).to(torch.int16)
+        w[b1:] -= u[b0:b1, b1:].T @ err  # and to every later row at once
+
+    out = []
+    for i, layout in enumerate(layouts):
+        out.append(Exl2Linear(codes[:, cols[i]:cols[i + 1]].long(), [b for b, _ in layout], [r for _, r in layout],
+                              torch.stack(fitted[i][0]), torch.stack(fitted[i][1]), perm))
+    return out

@@ -22,7 +22,7 @@ def test_gptq_beats_rtn_on_output_error(layout):
     x = correlated_inputs(2048, k, seed=len(layout))
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 0.05
     h = hessian(x)
-    ours = gptq(w, h, layout)
+    ours = gptq([w], [layout], h)[0]
     rtn = exl2.quantize_rtn(w, layout, perm=ours.perm)  # same act order: the difference is error feedback
 
     def output_error(lin):
@@ -40,7 +40,24 @@ def test_unseen_inputs_and_bad_layout():
     x = correlated_inputs(512, k, seed=3)
     x[:, 5] = 0  # a channel calibration never activates
     w = torch.randn(n, k) * 0.05
-    lin = gptq(w, hessian(x), [(4, 64)])
+    lin = gptq([w], [[(4, 64)]], hessian(x))[0]
     assert torch.isfinite(lin.dequantize().float()).all()
     with pytest.raises(exl2.ExlError, match="covers 32 rows, the weight has 64"):
-        gptq(w, hessian(x), [(4, 32)])
+        gptq([w], [[(4, 32)]], hessian(x))
+
+
+def test_matrices_quantized_together_equal_quantized_alone():
+    """Batching matrices (and candidate layouts) as column blocks changes nothing for each of them."""
+    k = 192
+    x = correlated_inputs(1024, k, seed=5)
+    h = hessian(x)
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(n, k, generator=g) * 0.05 for n in (64, 32, 32)]
+    layouts = [exl2.group_layout(k, exl2.parse_option(o)) for o in ("0.25:5b_64g/0.75:4b_32g", "3b_64g", "0.1:8b_32g/0.9:2b_32g")]
+    together = gptq(ws, layouts, h)
+    for w, layout, lin in zip(ws, layouts, together):
+        alone = gptq([w], [layout], h)[0]
+        assert torch.equal(lin.codes, alone.codes) and torch.equal(lin.scale_codes, alone.scale_codes)
+        assert torch.equal(lin.scale_max, alone.scale_max)
+        assert exl2.layout_bits(k, w.shape[0], layout) == sum(t.numel() * t.element_size() * 8
+                                                             for t in lin.pack().values())

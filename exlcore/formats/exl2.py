@@ -168,22 +168,56 @@ def group_layout(in_features: int, option: list[tuple[float, int, int]]) -> list
     return layout
 
 
-def group_scales(w: torch.Tensor, bits: int, p_grid: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
-    """ExLlamaV2's scale search for one group's rows (rows, N): per column a 4-bit code on a square-root
-    scale of the group maximum, and one factor per group (p_grid + 1 values in [0.7, 1.2]) chosen to minimise
-    the sum of |error|^3.5. Returns the scale codes (N,) in [1, 16] and q_scale_max (fp16 scalar)."""
+def parse_option(text: str) -> list[tuple[float, int, int]]:
+    """"0.1:4b_128g/0.9:3b_128g" (or "4b_128g" for one width) -> [(proportion, bits, group size)]."""
+    option = []
+    for part in text.split("/"):
+        prop, _, spec = part.rpartition(":")
+        bits, size = spec.rstrip("g").split("b_")
+        option.append((float(prop or 1.0), int(bits), int(size)))
+    return option
+
+
+def layout_bits(in_features: int, out_features: int, layout: list[tuple[int, int]]) -> int:
+    """Bits a linear of this layout stores: codes, and per group its maximum scale (16), q_groups entry (32)
+    and 4-bit column scales, plus the 32-bit permutation. What a bits-per-weight figure counts."""
+    groups = len(layout)
+    return (sum(rows * bits for bits, rows in layout) * out_features + groups * (48 + 4 * out_features)
+            + 32 * in_features)
+
+
+def group_scales(w: torch.Tensor, bits: int, segment: torch.Tensor | None = None, segments: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ExLlamaV2's scale rule for the rows (rows, C) of one group: per column a 4-bit code on a square-root
+    scale of the group maximum, and one factor p per group in [0.7, 1.2], on a grid of step 1/192, chosen to
+    minimise the sum of |error|^3.5. The grid is searched coarse to fine (17 points, then the 11 around
+    the best) rather than exhaustively: a fifth of the work. Columns may belong to several independent
+    groups (`segment` (C,) in [0, segments)), so one call fits every matrix that starts a group of this
+    shape at the same row. Returns the scale codes (C,) in [1, 16] and q_scale_max (segments,) fp16."""
     half, top = 1 << (bits - 1), (1 << bits) - 1
+    seg = torch.zeros(w.shape[1], dtype=torch.int64, device=w.device) if segment is None else segment
     base = w.abs().amax(0) / (top / 2)
-    peak = base.max().clamp(min=1e-10)
-    codes = (16 * (base / peak).sqrt()).round().clamp(1, 16)
-    best = None
-    for p in torch.linspace(0.7, 1.2, p_grid + 1).tolist():
-        smax = (peak * p).half()
-        scale = (codes.square().half() * (smax / 256)).float()
-        err = (((w / scale).round().clamp(-half, top - half) * scale - w).abs() ** 3.5).sum()
-        if best is None or err < best[0]:
-            best = (err, smax)
-    return codes.to(torch.int64), best[1]
+    peak = torch.zeros(segments, device=w.device).scatter_reduce(0, seg, base, "amax").clamp(min=1e-10)
+    codes = (16 * (base / peak[seg]).sqrt()).round().clamp(1, 16)
+    squares = codes.square().half()
+    every = torch.arange(segments, device=w.device)
+
+    def search(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """grid (P, segments) of factors -> the best factor and its q_scale_max per segment."""
+        smax = (peak[None] * grid).half()
+        err = torch.empty(grid.shape, device=w.device)
+        chunk = max(1, (1 << 24) // w.numel())  # bounded memory for wide batches
+        for p0 in range(0, len(grid), chunk):
+            s = (squares * (smax[p0:p0 + chunk] / 256)[:, seg]).float()[:, None]  # (p, 1, C)
+            e = ((w / s).round().clamp(-half, top - half) * s - w).abs().pow(3.5).sum(1)  # (p, C)
+            err[p0:p0 + chunk] = torch.zeros_like(err[p0:p0 + chunk]).index_add_(1, seg, e)
+        best = err.argmin(0)  # the first of equal minima
+        return grid[best, every], smax[best, every]
+
+    step = 1 / 192
+    coarse, _ = search(torch.linspace(0.7, 1.2, 17, device=w.device)[:, None].expand(17, segments))
+    fine = (coarse[None] + torch.arange(-5, 6, device=w.device)[:, None] * step).clamp(0.7, 1.2)
+    return codes.to(torch.int64), search(fine)[1]
 
 
 def quantize_rows(w: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
@@ -204,8 +238,8 @@ def quantize_rtn(weight: torch.Tensor, layout: list[tuple[int, int]], perm: torc
         w = rows_t[first:first + rows]
         first += rows
         c, smax = group_scales(w, bits)
-        codes.append(quantize_rows(w, bits, scales(c[None], smax[None])[0].float()))
+        codes.append(quantize_rows(w, bits, scales(c[None], smax)[0].float()))
         scale_codes.append(c)
-        scale_max.append(smax)
+        scale_max.append(smax[0])
     return Exl2Linear(torch.cat(codes), [b for b, _ in layout], [r for _, r in layout], torch.stack(scale_codes),
                       torch.stack(scale_max), perm)

@@ -1,0 +1,65 @@
+"""Picking each linear's option: the least total error whose bits fit the target.
+
+The measured errors are relative perturbations of the residual stream, and independent perturbations add,
+so the objective is their sum (ExLlamaV2 instead minimises the largest module error). Every linear chooses
+freely among the candidates. The Lagrangian relaxation, min sum(err + lambda * bits), decouples the linears;
+bisection on lambda finds the cheapest multiplier that fits the budget, and a greedy pass then spends what
+is left on the upgrades with the best error saved per bit."""
+
+import math
+from dataclasses import dataclass
+
+from exlcore.errors import ExlError
+
+
+@dataclass
+class Item:
+    key: str
+    numel: int
+    bits: list[int]  # per candidate option
+    errors: list[float]
+
+
+def reachable(items: list[Item]) -> tuple[float, float]:
+    numel = sum(i.numel for i in items)
+    return sum(min(i.bits) for i in items) / numel, sum(max(i.bits) for i in items) / numel
+
+
+def check_target(items: list[Item], target: float):
+    low, high = reachable(items)
+    if not low <= target <= high:
+        raise ExlError(f"-b {target}: the options reach {low:.2f} to {high:.2f} bits per weight for this model; "
+                       "choose a target in that range")
+
+
+def choose(items: list[Item], target: float) -> list[int]:
+    """The chosen option index per item, with total bits <= target * total weights."""
+    check_target(items, target)
+    budget = math.floor(target * sum(i.numel for i in items))
+
+    def pick(lam: float) -> list[int]:
+        return [min(range(len(i.bits)), key=lambda o: (i.errors[o] + lam * i.bits[o], i.bits[o])) for i in items]
+
+    def cost(choice: list[int]) -> int:
+        return sum(i.bits[o] for i, o in zip(items, choice))
+
+    lo, hi = 0.0, 1.0
+    while cost(pick(hi)) > budget:
+        hi *= 4
+    for _ in range(100):  # cost(pick(lam)) falls as lam rises: find the smallest lam that fits
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(pick(mid)) > budget else (lo, mid)
+    choice = pick(hi)
+    left = budget - cost(choice)
+    while True:
+        best = None
+        for n, (i, o) in enumerate(zip(items, choice)):
+            for c in range(len(i.bits)):
+                extra, saved = i.bits[c] - i.bits[o], i.errors[o] - i.errors[c]
+                if 0 < extra <= left and saved > 0 and (best is None or saved / extra > best[0]):
+                    best = (saved / extra, n, c, extra)
+        if best is None:
+            return choice
+        _, n, c, extra = best
+        choice[n] = c
+        left -= extra

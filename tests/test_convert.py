@@ -1,0 +1,187 @@
+"""`exl convert` on the CPU: tiny random models of each architecture become EXL2 folders that load and stay
+close to their source; measurement reuse, resuming after SIGKILL and bad input behave as the issue says."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import exlcore
+from exlcore.evaluate import evaluate
+from tiny import SHARED, make_tiny
+
+# EXL2 needs widths that are multiples of 32; the other settings keep every conversion to a few seconds.
+SHAPES = dict(hidden_size=128, head_dim=32, intermediate_size=256, num_hidden_layers=3)
+FAST = ["-r", "6", "-mr", "6", "-l", "128", "-ml", "128", "--device", "cpu", "-q"]
+EXL = [sys.executable, "-m", "exlcore.cli"]
+
+
+def exl(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*EXL, *map(str, args)], capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, tiny_tokenizer_dir):
+    root = tmp_path_factory.mktemp("src")
+    for name in ("llama", "mixtral", "gemma2"):
+        make_tiny(name, root / name, tiny_tokenizer_dir, **SHAPES)
+    # A stale index, as hub folders carry: it must not reach the output.
+    (root / "llama" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    return root
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def eval_rows(model) -> torch.Tensor:
+    text = (SHARED / "data" / "tiny.utf8").read_text()[-40000:]
+    from exlcore.evaluate import windows
+    return windows(model.tokenizer.encode(text), 128, 8)
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "gemma2"])
+def test_converts_loads_and_stays_close(sources, tmp_path, name):
+    r = exl("convert", "-i", sources / name, "-o", tmp_path / "q", "-b", "4.0", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "bits per weight" in r.stdout
+    out = tmp_path / "q"
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "exl2" and q["bits"] == 4.0 and q["head_bits"] == 6
+    assert not (out / "model.safetensors.index.json").exists()
+    assert (out / "tokenizer.json").is_file() and (out / "measurement.json").is_file()
+    t = tensors(out)
+    assert "lm_head.q_weight" in t and "model.embed_tokens.weight" in t
+    assert not any(k.endswith("_proj.weight") or k.endswith(".w1.weight") for k in t)
+    if name == "mixtral":  # the router stays fp16
+        assert t["model.layers.0.block_sparse_moe.gate.weight"].dtype == torch.float16
+
+    # Achieved rate: at most the target, and close to it.
+    numel = bits = 0
+    for key in {k.rsplit(".", 1)[0] for k in t if k.endswith(".q_weight") and not k.startswith("lm_head")}:
+        parts = [t[f"{key}.{s}"] for s in ("q_weight", "q_groups", "q_scale", "q_scale_max", "q_invperm")]
+        bits += sum(p.numel() * p.element_size() * 8 for p in parts)
+        numel += t[f"{key}.q_weight"].shape[1] * t[f"{key}.q_invperm"].shape[0]
+    assert 3.8 < bits / numel <= 4.0
+
+    ref = exlcore.load(sources / name, device="cpu")
+    model = exlcore.load(out, device="cpu")
+    rows = eval_rows(ref)
+    result = evaluate(model, rows, ref)
+    # Tiny random models have flat outputs; 4 bits moves them little (measured 0.01-0.06).
+    assert result.kl_divergence < 0.1, result
+
+
+def test_measure_once_then_reuse_equals_a_full_run(sources, tmp_path):
+    src = sources / "llama"
+    assert exl("convert", "-i", src, "-o", tmp_path / "full", "-b", "3.0", *FAST).returncode == 0
+    m = tmp_path / "m.json"
+    r = exl("convert", "-i", src, "-o", tmp_path / "measure", "-om", m, *FAST)
+    assert r.returncode == 0 and m.is_file(), r.stderr
+    assert not (tmp_path / "measure" / "config.json").exists()
+    r = exl("convert", "-i", src, "-o", tmp_path / "work", "-cf", tmp_path / "reused", "-m", m, "-b", "3.0", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "work" / "config.json").exists()
+    full, reused = tensors(tmp_path / "full"), tensors(tmp_path / "reused")
+    assert full.keys() == reused.keys()
+    assert all(torch.equal(full[k], reused[k]) for k in full)
+
+
+def test_resumes_after_sigkill_with_an_identical_result(sources, tmp_path):
+    src = sources / "mixtral"
+    args = ["convert", "-i", src, "-b", "3.5", *FAST]
+    assert exl(*args, "-o", tmp_path / "whole").returncode == 0
+    whole = tensors(tmp_path / "whole")
+    out = tmp_path / "killed"
+    state = out / "job" / "job.json"
+    # Kill when each of these is first seen, each time resuming the same job: during measurement, during
+    # quantization, and after the last layer (head or writing).
+    for point in [("measured", 1), ("quantized", 1), ("quantized", 3)]:
+        p = subprocess.Popen([*EXL, *map(str, args), "-o", str(out)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        while p.poll() is None:
+            try:
+                if json.loads(state.read_text())[point[0]] >= point[1]:
+                    os.kill(p.pid, signal.SIGKILL)
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.002)
+        p.wait()
+        assert p.returncode == -signal.SIGKILL, f"finished before the kill at {point}"
+        assert not (out / "config.json").exists()
+    r = exl(*args, "-o", out)
+    assert r.returncode == 0, r.stderr
+    resumed = tensors(out)
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+    r = exl(*args, "-o", out, "-b", "4.0")
+    assert r.returncode == 1 and "-nr" in r.stderr
+
+
+def test_other_arguments_are_refused_unless_restarted(sources, tmp_path):
+    src, out = sources / "llama", tmp_path / "q"
+    assert exl("convert", "-i", src, "-o", out, "-om", tmp_path / "m.json", *FAST).returncode == 0
+    r = exl("convert", "-i", src, "-o", out, "-b", "4.0", *FAST)
+    assert r.returncode == 1
+    assert "other settings" in r.stderr and "bits" in r.stderr and "-nr" in r.stderr
+    r = exl("convert", "-i", src, "-o", out, "-b", "4.0", "-nr", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").is_file()
+
+
+def test_bad_input_is_one_line_and_leaves_no_finished_folder(sources, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = sources / "llama"
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"n": [1, 2, 3]}), numbers)
+    short = tmp_path / "short.parquet"
+    pq.write_table(pa.table({"text": ["only a few words"]}), short)
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"]}))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cases = [
+        (["-i", src, "-b", "1.5"], "-b 1.5: the options reach"),
+        (["-i", src, "-b", "9"], "-b 9.0: the options reach"),
+        (["-i", unknown], "FooForCausalLM"),
+        (["-i", src, "-c", numbers], "no text column"),
+        (["-i", src, "-c", short], "tokens"),
+        (["-i", src, "-hb", "7"], "-hb 7"),
+        (["-i", tmp_path / "missing"], "no such model folder"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        r = exl("convert", *args, "-o", out, *FAST)
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (out / "config.json").exists()
+    r = exl("convert", "-i", src, "-o", blocker / "out", *FAST)
+    assert r.returncode == 1 and "cannot write" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["llama", "mixtral", "gemma2"])
+def test_converts_on_cuda_like_on_the_cpu(sources, tmp_path, name):
+    """The same pipeline on the GPU: its output runs on exlcore's kernels and is as close to the source."""
+    fast = [a for a in FAST if a != "cpu" and a != "--device"]
+    r = exl("convert", "-i", sources / name, "-o", tmp_path / "q", "-b", "4.0", *fast, "--device", "cuda")
+    assert r.returncode == 0, r.stderr
+    ref = exlcore.load(sources / name, device="cuda", dtype=torch.float32)
+    model = exlcore.load(tmp_path / "q", device="cuda")
+    assert evaluate(model, eval_rows(ref), ref).kl_divergence < 0.1
