@@ -7,7 +7,7 @@
 # of a warm machine; none starts a conversion that would end past CONVERT_BUDGET_S (default 550) into this call.
 set -uo pipefail
 export CONVERT_DEADLINE=$(( $(date +%s) + ${CONVERT_BUDGET_S:-550} ))
-export PYTHONUNBUFFERED=1 EXLCORE_SHARED_DIR=$PWD/.shared EXLCORE_SMOLLM2_DIR=$HOME/smollm2
+export PYTHONUNBUFFERED=1 EXLCORE_SHARED_DIR=$PWD/.shared EXLCORE_SMOLLM2_DIR=${EXLCORE_SMOLLM2_DIR:-$HOME/smollm2}
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=$PWD/.build/torch_ext EXLCORE_BUILD_DIR=$PWD/.build/exlcore
 python3 -m pip install -q --no-deps --no-build-isolation -e . .whl/gguf/gguf-*.whl >"$OUT/install.log" 2>&1 \
   || { tail -5 "$OUT/install.log"; exit 1; }

@@ -11,7 +11,10 @@ from collections import defaultdict
 import torch
 
 from exlcore.errors import ExlError
+from exlcore.ext import on
 from exlcore.formats.exl2 import Exl2Linear, group_scales, scales
+
+ROWS = 32  # rows per step of the row loop; later rows get the step's errors in one matmul (lazy batch update)
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +53,7 @@ def gptq(weights: list[torch.Tensor], layouts: list[list[tuple[int, int]]], h: t
     w = torch.cat([x.T.float() for x in weights], 1)[perm]  # (K, C): all matrices side by side
     w[dead[perm]] = 0
     c = w.shape[1]
+    ext = on(w)  # the row loop as one kernel per step (csrc/gptq.cu) instead of ~10 launches per row
 
     # Which column blocks start a group at which row, batched by the group's shape.
     cols = torch.tensor([0] + [x.shape[0] for x in weights]).cumsum(0).tolist()
@@ -75,13 +79,18 @@ def gptq(weights: list[torch.Tensor], layouts: list[list[tuple[int, int]]], h: t
             for j, i in enumerate(members):
                 fitted[i][0].append(sc[seg == j])
                 fitted[i][1].append(smax[j])
-        err = torch.empty(b1 - b0, c, device=w.device)
-        for r in range(b0, b1):  # the rows of a block, each feeding its error to the rows after it
-            q = torch.clamp((w[r] / scale).round(), -half, half - 1)
-            err[r - b0] = (w[r] - q * scale) / u[r, r]
-            w[r + 1:b1].addr_(u[r, r + 1:b1], err[r - b0], alpha=-1)
-            codes[r] = (q + half).to(torch.int16)
-        w[b1:] -= u[b0:b1, b1:].T @ err  # and to every later row at once
+        for s0 in range(b0, b1, ROWS):
+            s1 = min(s0 + ROWS, b1)
+            err = torch.empty(s1 - s0, c, device=w.device)
+            if ext is not None:
+                ext.gptq_rows(w, u, scale, half, codes, err, s0, s1)
+            else:
+                for r in range(s0, s1):  # each row feeds its error to the rows after it
+                    q = torch.clamp((w[r] / scale).round(), -half, half - 1)
+                    err[r - s0] = (w[r] - q * scale) / u[r, r]
+                    w[r + 1:s1].addr_(u[r, r + 1:s1], err[r - s0], alpha=-1)
+                    codes[r] = (q + half).to(torch.int16)
+            w[s1:] -= u[s0:s1, s1:].T @ err  # and to every later row at once
 
     out = []
     for i, layout in enumerate(layouts):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from exlcore.errors import ExlError
+from exlcore.ext import on
 
 BITS = (8, 6, 5, 4, 3, 2)
 SUFFIXES = ("q_weight", "q_groups", "q_scale", "q_scale_max", "q_invperm")
@@ -201,16 +202,19 @@ def group_scales(w: torch.Tensor, bits: int, segment: torch.Tensor | None = None
     codes = (16 * (base / peak[seg]).sqrt()).round().clamp(1, 16)
     squares = codes.square().half()
     every = torch.arange(segments, device=w.device)
+    ext = on(w)  # one pass over the rows per candidate (csrc/gptq.cu) instead of a chain of big temporaries
 
     def search(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """grid (P, segments) of factors -> the best factor and its q_scale_max per segment."""
         smax = (peak[None] * grid).half()
-        err = torch.empty(grid.shape, device=w.device)
-        chunk = max(1, (1 << 24) // w.numel())  # bounded memory for wide batches
-        for p0 in range(0, len(grid), chunk):
-            s = (squares * (smax[p0:p0 + chunk] / 256)[:, seg]).float()[:, None]  # (p, 1, C)
-            e = ((w / s).round().clamp(-half, top - half) * s - w).abs().pow(3.5).sum(1)  # (p, C)
-            err[p0:p0 + chunk] = torch.zeros_like(err[p0:p0 + chunk]).index_add_(1, seg, e)
+        s = (squares * (smax / 256)[:, seg]).float()  # (P, C)
+        if ext is not None:
+            e = ext.scale_errors(w, s, half, top)
+        else:
+            chunk = max(1, (1 << 24) // w.numel())  # bounded memory for wide batches
+            e = torch.cat([((w / s[p0:p0 + chunk, None]).round().clamp(-half, top - half) * s[p0:p0 + chunk, None]
+                            - w).abs().pow(3.5).sum(1) for p0 in range(0, len(grid), chunk)])
+        err = torch.zeros(grid.shape, device=w.device).index_add_(1, seg, e)
         best = err.argmin(0)  # the first of equal minima
         return grid[best, every], smax[best, every]
 
