@@ -49,7 +49,7 @@ def gptq(weights: list[torch.Tensor], layouts: list[list[tuple[int, int]]], h: t
     dead = h.diagonal() == 0  # inputs never seen: any weight is as good as another there
     h[dead, dead] = 1
     perm = torch.argsort(h.diagonal(), descending=True)  # activation order: most salient channels first
-    u = _inverse_factor(h[perm][:, perm], damp).float()
+    u = _inverse_factor(h[perm][:, perm], damp).float().contiguous()
     w = torch.cat([x.T.float() for x in weights], 1)[perm]  # (K, C): all matrices side by side
     w[dead[perm]] = 0
     c = w.shape[1]
