@@ -43,7 +43,10 @@ def choose(items: list[Item], target: float) -> list[int]:
     """The chosen option index per item, with total bits <= target * total weights."""
     check_target(items, target)
     budget = math.floor(target * sum(i.numel for i in items))
-    allowed = [[o for o, b in enumerate(i.bits) if b >= (target - BELOW) * i.numel] for i in items]
+    allowed = []
+    for i in items:  # always keep the widest option within the target, so the budget stays reachable
+        floor = min((target - BELOW) * i.numel, max((b for b in i.bits if b <= target * i.numel), default=0))
+        allowed.append([o for o, b in enumerate(i.bits) if b >= floor])
 
     def pick(lam: float) -> list[int]:
         return [min(a, key=lambda o: (i.errors[o] + lam * i.bits[o], i.bits[o])) for i, a in zip(items, allowed)]
