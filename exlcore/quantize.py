@@ -14,6 +14,7 @@ from exlcore.errors import ExlError
 from exlcore.ext import on
 from exlcore.formats.exl2 import Exl2Linear, group_scales, scales
 
+MAX_ELEMENTS = 1 << 28  # columns x rows quantized together (1 GiB of fp32); wider batches are split
 ROWS = 32  # rows per step of the row loop; later rows get the step's errors in one matmul (lazy batch update)
 
 
@@ -45,6 +46,9 @@ def gptq(weights: list[torch.Tensor], layouts: list[list[tuple[int, int]]], h: t
         if sum(rows for _, rows in layout) != k or w.shape[1] != k:
             raise ExlError(f"GPTQ: a layout covers {sum(r for _, r in layout)} rows, the weight has {w.shape[1]}, "
                            f"the Hessian {k}")
+    if len(weights) > 1 and sum(w.shape[0] for w in weights) * k > MAX_ELEMENTS:
+        half = len(weights) // 2
+        return gptq(weights[:half], layouts[:half], h, damp) + gptq(weights[half:], layouts[half:], h, damp)
     h = h.double().clone()
     dead = h.diagonal() == 0  # inputs never seen: any weight is as good as another there
     h[dead, dead] = 1

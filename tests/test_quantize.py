@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from exlcore.formats import exl2
+from exlcore import quantize
 from exlcore.quantize import gptq, hessian
 
 
@@ -46,8 +47,12 @@ def test_unseen_inputs_and_bad_layout():
         gptq([w], [[(4, 32)]], hessian(x))
 
 
-def test_matrices_quantized_together_equal_quantized_alone():
-    """Batching matrices (and candidate layouts) as column blocks changes nothing for each of them."""
+@pytest.mark.parametrize("split", [False, True])
+def test_matrices_quantized_together_equal_quantized_alone(split, monkeypatch):
+    """Batching matrices (and candidate layouts) as column blocks changes nothing for each of them, nor
+    does splitting a batch too wide for memory."""
+    if split:
+        monkeypatch.setattr(quantize, "MAX_ELEMENTS", 1)
     k = 192
     x = correlated_inputs(1024, k, seed=5)
     h = hessian(x)

@@ -29,7 +29,9 @@ SPEC = ArchitectureSpec(
     parse_config=parse_config,
     build=build,
     calibration=Calibration(
-        shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
+        # Every expert sees every calibration token, so all w1/w3 read one input.
+        shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                       ("block_sparse_moe.experts.*.w1", "block_sparse_moe.experts.*.w3")),
         all_experts_see_tokens=True,
         keep_unquantized=("embed_tokens", "block_sparse_moe.gate"),
     ),
