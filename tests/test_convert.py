@@ -201,3 +201,33 @@ def test_smollm2_converts_on_the_cpu(smollm2_dir, tmp_path):
     # With 115 rows of 2048 tokens on the GPU it reaches KL 0.146 on 16 x 2048 tokens (BENCHMARKS.md).
     assert result.kl_divergence < 0.6, result
     assert "Paris" in exlcore.Generator(model).generate("The capital of France is", max_new_tokens=5, temperature=0)
+
+
+def test_shards_follow_module_order_and_the_size_limit():
+    from exlcore.conversion.output import shards
+
+    mb = 1 << 20
+    tensors = {"lm_head.q_weight": torch.zeros(mb // 4, dtype=torch.int32),
+               "model.layers.10.mlp.up_proj.q_weight": torch.zeros(mb // 8, dtype=torch.int32),
+               "model.layers.2.mlp.up_proj.q_weight": torch.zeros(mb // 8, dtype=torch.int32),
+               "model.norm.weight": torch.zeros(16, dtype=torch.float16),
+               "model.embed_tokens.weight": torch.zeros(mb // 2, dtype=torch.float16)}
+    parts = shards(tensors, 1)
+    assert [list(p) for p in parts] == [["model.embed_tokens.weight"],
+                                        ["model.layers.2.mlp.up_proj.q_weight", "model.layers.10.mlp.up_proj.q_weight"],
+                                        ["model.norm.weight"], ["lm_head.q_weight"]]
+    assert len(shards(tensors, 0)) == 1  # 0: no limit
+
+
+def test_rope_overrides_apply_while_calibrating_only(sources, tmp_path):
+    src = sources / "llama"
+    r = exl("convert", "-i", src, "-o", tmp_path / "q", "-b", "4.0", "-rs", "2", "-ra", "1.5", *FAST)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    source = json.loads((src / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype")} == \
+        {k: v for k, v in source.items() if k != "torch_dtype"}
+    without = exl("convert", "-i", src, "-o", tmp_path / "plain", "-b", "4.0", *FAST)
+    assert without.returncode == 0
+    t, plain = tensors(tmp_path / "q"), tensors(tmp_path / "plain")
+    assert not torch.equal(t["model.layers.1.self_attn.o_proj.q_weight"], plain["model.layers.1.self_attn.o_proj.q_weight"])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from exlcore.calibration import calibration_rows
 from exlcore.conversion import options
@@ -167,7 +168,6 @@ def convert(in_dir, out_dir, device=None, progress: bool = True, restart: bool =
 
     cal_file = job.dir / "calibration.safetensors"
     if cal_file.is_file():
-        from safetensors.torch import load_file
         cal = load_file(cal_file)
     else:
         parquet = Path(s.cal_dataset) if s.cal_dataset else None
@@ -182,23 +182,23 @@ def convert(in_dir, out_dir, device=None, progress: bool = True, restart: bool =
         errors = _read_measurement(Path(s.measurement), shapes)
     else:
         done = json.loads(measurement_file.read_text())["linears"] if job["measured"] else {}
-        states = _embedded(model, weights, cal["measure"], s.measurement_length, device) \
-            if job["measured"] < len(model.layers) else []
-        with bar.stage("measuring", len(model.layers)) as step:
-            for i, block in enumerate(model.layers[:len(model.layers) if states else 0]):
-                load_module(block, weights, torch.float32)
-                if i < job["measured"]:
-                    states = run(block, model, states)
-                else:
-                    errs, states = measure_block(block, model, states, block_groups[i], calib.all_experts_see_tokens,
-                                                 s.damping)
-                    _check_finite(states, i)
-                    done.update(errs)
-                    write_json(measurement_file, {"version": MEASUREMENT_VERSION,
-                                                  "candidates": list(options.CANDIDATES), "linears": done})
-                    job.advance(measured=i + 1)
-                _unload(block)
-                step(f"layer {i}")
+        if job["measured"] < len(model.layers):
+            states = _embedded(model, weights, cal["measure"], s.measurement_length, device)
+            with bar.stage("measuring", len(model.layers)) as step:
+                for i, block in enumerate(model.layers):
+                    load_module(block, weights, torch.float32)
+                    if i < job["measured"]:  # resumed: recompute the states that layer passed on
+                        states = run(block, model, states)
+                    else:
+                        errs, states = measure_block(block, model, states, block_groups[i],
+                                                     calib.all_experts_see_tokens, s.damping)
+                        _check_finite(states, i)
+                        done.update(errs)
+                        write_json(measurement_file, {"version": MEASUREMENT_VERSION,
+                                                      "candidates": list(options.CANDIDATES), "linears": done})
+                        job.advance(measured=i + 1)
+                    _unload(block)
+                    step(f"layer {i}")
         errors = {k: done[k] for k in shapes}
         if s.output_measurement:
             target = Path(s.output_measurement)
@@ -215,31 +215,31 @@ def convert(in_dir, out_dir, device=None, progress: bool = True, restart: bool =
 
     # Quantize
     t0 = time.monotonic()
-    states = _embedded(model, weights, cal["quantize"], s.length, device)
     n = len(model.layers)
-    with bar.stage("quantizing", n + 1) as step:
-        for i, block in enumerate(model.layers):
-            load_module(block, weights, torch.float32)
-            if i < job["quantized"]:
-                set_quantized(block, job.load_layer(i), device)
-                states = run(block, model, states)
-            else:
-                packed, states = quantize_block(block, model, states, block_groups[i], calib.all_experts_see_tokens,
-                                                strategy, s.damping)
-                _check_finite(states, i)
-                job.save_layer(i, packed)
-                job.advance(quantized=i + 1)
-            _unload(block)
-            step(f"layer {i}")
-        if job["quantized"] == n:
+    if job["quantized"] <= n:  # layers, then the head (as file n)
+        states = _embedded(model, weights, cal["quantize"], s.length, device)
+        with bar.stage("quantizing", n + 1) as step:
+            for i, block in enumerate(model.layers):
+                load_module(block, weights, torch.float32)
+                if i < job["quantized"]:  # resumed: recompute the states the finished layer passed on
+                    set_quantized(block, job.load_layer(i), device)
+                    states = run(block, model, states)
+                else:
+                    packed, states = quantize_block(block, model, states, block_groups[i],
+                                                    calib.all_experts_see_tokens, strategy, s.damping)
+                    _check_finite(states, i)
+                    job.save_layer(i, packed)
+                    job.advance(quantized=i + 1)
+                _unload(block)
+                step(f"layer {i}")
             model.norm.load(weights, torch.float32)
             head = weights.get("lm_head.weight") if "lm_head.weight" in weights else model.embed.weight
             normed = [model.norm(x) for x in states]
+            del states
             job.save_layer(n, quantize_head(head, normed, options.HEAD[s.head_bits], s.damping))
             job.advance(quantized=n + 1)
-        step("head")
+            step("head")
     seconds["quantize"] = time.monotonic() - t0
-    del states
 
     # Write
     t0 = time.monotonic()
@@ -258,10 +258,11 @@ def convert(in_dir, out_dir, device=None, progress: bool = True, restart: bool =
         step(str(out))
     seconds["write"] = time.monotonic() - t0
     job.advance(stage="done")
+    job.drop_layers()  # the output holds them now
     seconds["total"] = time.monotonic() - started
     total_bits = sum(options.bits(strategy[k], kk, nn) for k, (nn, kk) in shapes.items())
-    head_t = job.load_layer(n)
-    head_bits = sum(t.numel() * t.element_size() * 8 for t in head_t.values()) / (cfg.vocab_size * cfg.hidden_size)
+    head = [t for k, t in quantized.items() if k.startswith("lm_head.")]
+    head_bits = sum(t.numel() * t.element_size() * 8 for t in head) / (cfg.vocab_size * cfg.hidden_size)
     return Summary(out, total_bits / sum(a * b for a, b in shapes.values()), head_bits, strategy, seconds,
                    _peak_vram(device), _peak_ram())
 

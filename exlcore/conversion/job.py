@@ -80,3 +80,6 @@ class Job:
 
     def load_layer(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(self.layer_file(i))
+
+    def drop_layers(self):
+        shutil.rmtree(self.dir / "layers")
