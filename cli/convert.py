@@ -39,7 +39,8 @@ def convert(args):
 
 
 def summary(s) -> str:
-    from collections import Counter
+    """Achieved rate, each layer's linears with the bits per weight of their chosen options, time, memory."""
+    import re
 
     gb = 1 << 30
     times = ", ".join(f"{k} {v:.1f} s" for k, v in s.seconds.items())
@@ -47,8 +48,10 @@ def summary(s) -> str:
     if s.output is None:
         return f"measurement written to {s.measurement} ({times}; {memory})"
     lines = [f"converted to {s.output}: {s.bits:.3f} bits per weight in the layers, head {s.head_bits:.2f}",
-             f"time: {times}; {memory}", "options chosen (linear type: option x count):"]
-    kinds = Counter((key.rsplit(".", 1)[-1], option) for key, option in s.choice.items())
-    for kind in dict.fromkeys(k for k, _ in kinds):
-        lines.append(f"  {kind}: " + ", ".join(f"{o} x{n}" for (k, o), n in kinds.items() if k == kind))
+             f"time: {times}; {memory}", "bits per weight of each linear's chosen option (`exl info` and OUT/job/job.json have more):"]
+    layers: dict[str, list[str]] = {}
+    for key, (_, bits) in s.choice.items():
+        m = re.search(r"layers\.(\d+)\.(.*)", key)
+        layers.setdefault(m.group(1) if m else "", []).append(f"{m.group(2) if m else key} {bits:.2f}")
+    lines += [f"  layer {i:>3}: " + ", ".join(parts) for i, parts in layers.items()]
     return "\n".join(lines)

@@ -64,7 +64,7 @@ class Summary:
     output: Path | None
     bits: float  # achieved, over the decoder's quantized linears
     head_bits: float
-    choice: dict[str, str]  # linear -> option
+    choice: dict[str, tuple[str, float]]  # linear -> its option and that option's bits per weight there
     seconds: dict[str, float]
     peak_vram: int  # bytes, 0 on the CPU
     peak_ram: int  # bytes
@@ -212,6 +212,8 @@ def convert(in_dir, out_dir, device=None, progress: bool = True, restart: bool =
     # Optimize
     items = _items(shapes, errors)
     strategy = {i.key: options.CANDIDATES[o] for i, o in zip(items, choose(items, s.bits))}
+    if job.state.get("strategy") != strategy:
+        job.advance(strategy=strategy)  # kept for the record, as ExLlamaV2's job file keeps its own
 
     # Quantize
     t0 = time.monotonic()
@@ -263,7 +265,9 @@ def convert(in_dir, out_dir, device=None, progress: bool = True, restart: bool =
     total_bits = sum(options.bits(strategy[k], kk, nn) for k, (nn, kk) in shapes.items())
     head = [t for k, t in quantized.items() if k.startswith("lm_head.")]
     head_bits = sum(t.numel() * t.element_size() * 8 for t in head) / (cfg.vocab_size * cfg.hidden_size)
-    return Summary(out, total_bits / sum(a * b for a, b in shapes.values()), head_bits, strategy, seconds,
+    choice = {k: (o, options.bits(o, shapes[k][1], shapes[k][0]) / (shapes[k][0] * shapes[k][1]))
+              for k, o in strategy.items()}
+    return Summary(out, total_bits / sum(a * b for a, b in shapes.values()), head_bits, choice, seconds,
                    _peak_vram(device), _peak_ram())
 
 
