@@ -1,6 +1,6 @@
 """EXL2 inference speed: exlcore's CUDA kernels against exllamav2 0.3.2, same files, same GPU, same run.
 
-    python benchmarks/exl2.py --work DIR [--out DIR] [--quick]
+    python benchmarks/exl2.py --work DIR [--out DIR] [--quick] [--skip-exllamav2] [--profile]
 
 The model is Llama-3-8B-shaped at about 4 bits per weight, written straight into EXL2 tensors (random codes,
 scales and act-order permutations: every bit pattern is a valid code, and speed does not depend on values;
@@ -13,6 +13,7 @@ the head at 6 bits as exllamav2's default -hb 6 makes it). Both libraries load t
            flash-attn here; exlcore: torch SDPA).
   GB/s     bytes of quantized weights read per decode step (every linear's tensors, the fp16 embedding row
            aside) x steps/s; compared with the measured 3.0 TB/s copy bandwidth.
+  profile  (--profile) exlcore's GPU time per kernel over 16 batch-1 decode steps, from torch.profiler.
 """
 
 import argparse
@@ -112,7 +113,7 @@ def timed(fn, repeats=3) -> float:
     return statistics.median(times)
 
 
-def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
+def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -127,6 +128,13 @@ def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
             pass
         prompt = prompt[1:] + prompt[:1]  # a new prompt: no cached prefix
     r["decode_1"] = g.stats.decode_tokens_per_second
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as profiler
+
+        with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in g.tokens(prompt, 16, temperature=0, stop_ids=set()):
+                pass
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     for batch in (4, 16):
         ids = torch.randint(0, vocab, (batch, 128), generator=gen).cuda()
 
@@ -190,6 +198,7 @@ def main():
     p.add_argument("--out", type=Path, default=os.environ.get("OUT"))
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
     p.add_argument("--skip-exllamav2", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print exlcore's time per kernel in decode")
     args = p.parse_args()
     shape = QUICK if args.quick else SHAPE
     steps, prefill = (16, 64) if args.quick else (128, 2048)
@@ -198,7 +207,7 @@ def main():
     weight_bytes = write_model(folder, shape)
     print(f"model ready in {time.perf_counter() - t0:.0f} s: {weight_bytes / 1e9:.2f} GB of quantized linears",
           flush=True)
-    rows = {"exlcore": bench_exlcore(folder, shape["vocab_size"], steps, prefill)}
+    rows = {"exlcore": bench_exlcore(folder, shape["vocab_size"], steps, prefill, args.profile)}
     print("exlcore", rows["exlcore"], flush=True)
     if not args.skip_exllamav2:
         rows["exllamav2"] = bench_exllamav2(folder, shape["vocab_size"], steps, prefill)

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from exlcore.cache import KVCache
-from exlcore.layers import Linear, RMSNorm
+from exlcore.layers import Linear, RMSNorm, project
 from exlcore.ext import on
 from exlcore.rope import Rotary
 
 
 MAX_FUSED_KEYS = 8192
+MAX_FUSED_HEAD_DIM = 256
 
 
 @dataclass
@@ -65,9 +66,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.heads, self.head_dim)
-        k = self.k(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.v(x).view(B, T, self.kv_heads, self.head_dim)
+        q, k, v = project(x, [self.q, self.k, self.v])
+        q = q.view(B, T, self.heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        v = v.view(B, T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
@@ -77,7 +79,7 @@ class Attention(nn.Module):
             k, v = step.cache.update(self.layer, k, v, step.positions[0], step.kv_len)
             ext = on(q)
             # One fused kernel for the decode step's attention; it keeps the scores in shared memory (48 KB).
-            if T == 1 and ext is not None and step.kv_len <= MAX_FUSED_KEYS:
+            if T == 1 and ext is not None and step.kv_len <= MAX_FUSED_KEYS and self.head_dim <= MAX_FUSED_HEAD_DIM:
                 out = ext.decode_attention(q.reshape(B, self.heads, self.head_dim), step.cache.k[self.layer],
                                            step.cache.v[self.layer], step.positions[:, 0], step.kv_len,
                                            self.window or 0, self.scale, self.softcap or 0.0)

@@ -7,7 +7,7 @@ from torch import nn
 
 from exlcore.errors import ExlError
 from exlcore.ext import on
-from exlcore.formats import format_of, load_weight
+from exlcore.formats import format_of, load_weight, qmatrix
 from exlcore.weights import Weights
 
 # Activations the extension fuses with the gate product (its code for each).
@@ -45,6 +45,14 @@ class Linear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = self.kernel(x)
         return y if self.bias is None else y + self.bias
+
+
+def project(x: torch.Tensor, linears: list[Linear]) -> list[torch.Tensor]:
+    """Several linears of one input (q/k/v, gate/up): one kernel launch when all of them are packed."""
+    if all(lin.kernel is not None for lin in linears):
+        ys = qmatrix.matmul([lin.kernel for lin in linears], x)
+        return [y if lin.bias is None else y + lin.bias for lin, y in zip(linears, ys)]
+    return [lin(x) for lin in linears]
 
 
 class Embedding(nn.Module):
@@ -98,7 +106,7 @@ class GatedMLP(nn.Module):
         self.down = Linear(f"{key}.{names[2]}", intermediate, hidden, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate(x), self.up(x)
+        gate, up = project(x, [self.gate, self.up])
         ext = on(x)
         if ext is not None and self.act_code is not None:
             return self.down(ext.act_mul(gate.contiguous(), up.contiguous(), self.act_code))

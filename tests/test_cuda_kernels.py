@@ -1,13 +1,16 @@
-"""The CUDA extension against the PyTorch reference on fresh random inputs: EXL2 matmul for every bit mix,
-shapes the format allows that are not multiples of 128, decode (M <= 16) and prefill (M > 16) paths."""
+"""The CUDA extension against the PyTorch reference on fresh random inputs: EXL2 and GPTQ matmul for every
+bit mix, shapes the formats allow that are not multiples of 128, decode (M <= 16, several matrices per launch)
+and prefill (M > 16) paths."""
 
 import pytest
 import torch
 
 import exlcore
 from exlcore.ext import extension
-from exlcore.formats.exl2_cuda import Exl2Matmul
+from exlcore.formats import gptq
+from exlcore.formats.qmatrix import QMatmul, matmul
 from test_exl2 import MIXES, random_linear
+from test_gptq import make_gptq
 
 pytestmark = pytest.mark.cuda
 
@@ -24,7 +27,7 @@ def ext():
 def test_dequantize_kernel_is_exact(ext, mix, n):
     lin = random_linear(MIXES[mix], n=n, seed=n)
     packed = {k: v.cuda() for k, v in lin.pack().items()}
-    kernel = Exl2Matmul(ext, packed, "layer", lin.codes.shape[0], n)
+    kernel = QMatmul.exl2(ext, packed, "layer", lin.codes.shape[0], n)
     assert torch.equal(kernel.weight().cpu(), lin.dequantize())
 
 
@@ -33,7 +36,7 @@ def test_dequantize_kernel_is_exact(ext, mix, n):
 def test_matmul_matches_reference(ext, mix, m):
     lin = random_linear(MIXES[mix], n=224, seed=m)
     k = lin.codes.shape[0]
-    kernel = Exl2Matmul(ext, {s: v.cuda() for s, v in lin.pack().items()}, "layer", k, 224)
+    kernel = QMatmul.exl2(ext, {s: v.cuda() for s, v in lin.pack().items()}, "layer", k, 224)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
     expected = x.double() @ lin.dequantize().double().T
     # x as the head of a buffer that continues with NaN: a kernel reading past row m fails the check.
@@ -45,12 +48,40 @@ def test_matmul_matches_reference(ext, mix, m):
 def test_padded_head_and_batched_input(ext):
     """An lm_head whose vocab (200) is padded to 224 in the file: the padding never shows."""
     lin = random_linear(MIXES["4/3 g128"], n=224, seed=9)
-    kernel = Exl2Matmul(ext, {s: v.cuda() for s, v in lin.pack().items()}, "lm_head", 480, 200)
+    kernel = QMatmul.exl2(ext, {s: v.cuda() for s, v in lin.pack().items()}, "lm_head", 480, 200)
     x = torch.randn(2, 3, 480).half().cuda()
     y = kernel(x)
     assert y.shape == (2, 3, 200)
     expected = x.double().cpu() @ lin.dequantize()[:200].double().T
     assert float((y.double().cpu() - expected).norm() / expected.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 40])
+def test_matrices_sharing_an_input_in_one_launch(ext, m):
+    """q/k/v-like: three matrices of different layouts and widths, one of them split over many slices; the
+    second call checks that the slice counters were left at zero."""
+    layouts = [[(4, 128)] * 2 + [(3, 128), (3, 64)], [(8, 32), (6, 64), (5, 32), (4, 160), (2, 160)], [(6, 448)]]
+    lins = [random_linear(layout, n=n, seed=n) for layout, n in zip(layouts, [4096, 96, 224])]  # K = 448 each
+    kernels = [QMatmul.exl2(ext, {s: v.cuda() for s, v in lin.pack().items()}, "layer", 448, lin.codes.shape[1])
+               for lin in lins]
+    x = torch.randn(m, 448, generator=torch.Generator().manual_seed(m)).half()
+    for _ in range(2):
+        for lin, y in zip(lins, matmul(kernels, x.cuda())):
+            expected = x.double() @ lin.dequantize().double().T
+            assert float((y.double().cpu() - expected).norm() / expected.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("m", [1, 7, 33])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("v2", [False, True])
+def test_gptq_matmul_matches_reference(ext, m, act_order, v2):
+    tensors, *_ = make_gptq(1024, 160, 128, act_order, v2, seed=m)
+    kernel = QMatmul.gptq(ext, {s: t.cuda() for s, t in tensors.items()}, "layer", 1024, 160, v2)
+    w = gptq.dequantize(tensors, "layer", 1024, v2)
+    assert torch.equal(kernel.weight().cpu(), w)
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).half()
+    expected = x.double() @ w.double().T
+    assert float((kernel(x.cuda()).double().cpu() - expected).norm() / expected.norm()) < 2e-3
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral", "gemma2"])
@@ -65,7 +96,7 @@ def test_exl2_models_on_gpu_match_the_cpu_reference(name):
     got = model.forward(ids).cpu()
     assert float((got - reference).abs().max() / reference.abs().max()) < 1e-2
     # Greedy decoding (through CUDA graphs where the model allows them) picks, at every step, a token the
-    # uncached forward over the whole sequence also ranks top (up to fp16 near-ties: atomics reorder sums).
+    # uncached forward over the whole sequence also ranks top (up to fp16 near-ties).
     prompt = ids[0, :16].tolist()
     tokens = list(exlcore.Generator(model, max_seq_len=300).tokens(prompt, 40, temperature=0, stop_ids=set()))
     full = model.forward(torch.tensor([prompt + tokens[:-1]]))[0, 15:]

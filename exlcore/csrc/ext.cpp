@@ -5,9 +5,9 @@
 
 #include <cuda_bf16.h>
 
-#include "exl2.cuh"
 #include "fused.cuh"
 #include "gptq.cuh"
+#include "qmatmul.cuh"
 
 namespace {
 
@@ -15,48 +15,80 @@ void check(cudaError_t e, const char* what) {
     TORCH_CHECK(e == cudaSuccess, what, ": ", cudaGetErrorString(e));
 }
 
-Exl2Matrix matrix(const torch::Tensor& q_weight, const torch::Tensor& scales, const torch::Tensor& perm,
-                  const torch::Tensor& group_row, const torch::Tensor& group_word, const torch::Tensor& group_bits,
-                  int64_t max_group_rows) {
-    TORCH_CHECK(q_weight.is_cuda() && q_weight.dtype() == torch::kInt32 && q_weight.is_contiguous(), "q_weight");
-    TORCH_CHECK(scales.dtype() == torch::kHalf && scales.is_contiguous(), "scales must be contiguous fp16");
-    return Exl2Matrix{q_weight.data_ptr<int32_t>(), reinterpret_cast<const half*>(scales.data_ptr<at::Half>()),
-                      perm.data_ptr<int32_t>(), group_row.data_ptr<int32_t>(), group_word.data_ptr<int32_t>(),
-                      group_bits.data_ptr<int32_t>(), (int)perm.size(0), (int)q_weight.size(1),
-                      (int)group_bits.size(0), (int)max_group_rows};
+// A packed matrix as Python keeps it (exlcore/formats/qmatrix.py): q_weight, chunks, pair_rows, then EXL2's
+// q_scale and q_scale_max or GPTQ's (scale, 1024 + zero) pairs and an empty tensor, then the tile counters.
+QMatrix qmatrix(const std::vector<torch::Tensor>& t) {
+    TORCH_CHECK(t.size() == 6, "a packed matrix is 6 tensors");
+    for (const auto& x : t) TORCH_CHECK(x.is_contiguous() && (x.numel() == 0 || x.is_cuda()), "qmatrix: layout");
+    TORCH_CHECK(t[0].dtype() == torch::kInt32 && t[1].dtype() == torch::kInt32 && t[1].size(1) == 4 &&
+                    t[2].dtype() == torch::kInt32 && t[5].dtype() == torch::kInt32,
+                "qmatrix: dtypes");
+    const bool exl2 = t[3].dtype() == torch::kInt32;
+    TORCH_CHECK(exl2 ? t[4].dtype() == torch::kHalf : t[3].dtype() == torch::kHalf, "qmatrix: scale dtypes");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t[0].data_ptr()) % 8 == 0 && t[0].size(1) % 8 == 0, "qmatrix: q_weight alignment");
+    return QMatrix{reinterpret_cast<const uint32_t*>(t[0].data_ptr()), reinterpret_cast<const int4*>(t[1].data_ptr()),
+                   reinterpret_cast<const uint32_t*>(t[2].data_ptr()),
+                   exl2 ? reinterpret_cast<const uint32_t*>(t[3].data_ptr()) : nullptr,
+                   exl2 ? reinterpret_cast<const half*>(t[4].data_ptr()) : nullptr,
+                   exl2 ? nullptr : reinterpret_cast<const half2*>(t[3].data_ptr()), t[5].data_ptr<int32_t>(),
+                   (int)t[2].size(0) * 2, (int)t[0].size(1), (int)t[1].size(0)};
 }
 
-// x (M, K) fp16 -> x @ W^T: (M, N) fp32 from the decode kernel for M <= 16, else fp16 through a dequantized
-// copy of W and cuBLAS.
-torch::Tensor exl2_matmul(const torch::Tensor& x, const torch::Tensor& q_weight, const torch::Tensor& scales,
-                          const torch::Tensor& perm, const torch::Tensor& group_row, const torch::Tensor& group_word,
-                          const torch::Tensor& group_bits, int64_t max_group_rows) {
-    TORCH_CHECK(x.dtype() == torch::kHalf && x.is_contiguous() && x.dim() == 2, "x must be contiguous (M, K) fp16");
-    const c10::cuda::CUDAGuard guard(x.device());
-    auto w = matrix(q_weight, scales, perm, group_row, group_word, group_bits, max_group_rows);
-    TORCH_CHECK(x.size(1) == w.K, "x has ", x.size(1), " columns, the matrix ", w.K, " rows");
-    auto stream = at::cuda::getCurrentCUDAStream();
-    const int M = (int)x.size(0);
-    if (M <= 16) {
-        auto out = torch::zeros({M, w.N}, x.options().dtype(torch::kFloat));
-        check(exl2_gemv(w, reinterpret_cast<const half*>(x.data_ptr<at::Half>()), out.data_ptr<float>(), M, stream),
-              "exl2_gemv");
-        return out;
-    }
-    auto w_t = torch::empty({w.K, w.N}, x.options());
-    check(exl2_dequantize(w, reinterpret_cast<half*>(w_t.data_ptr<at::Half>()), stream), "exl2_dequantize");
-    return torch::matmul(x, w_t);
-}
-
-torch::Tensor exl2_weight(const torch::Tensor& q_weight, const torch::Tensor& scales, const torch::Tensor& perm,
-                          const torch::Tensor& group_row, const torch::Tensor& group_word,
-                          const torch::Tensor& group_bits, int64_t max_group_rows) {
-    const c10::cuda::CUDAGuard guard(q_weight.device());
-    auto w = matrix(q_weight, scales, perm, group_row, group_word, group_bits, max_group_rows);
-    auto w_t = torch::empty({w.K, w.N}, scales.options());
-    check(exl2_dequantize(w, reinterpret_cast<half*>(w_t.data_ptr<at::Half>()), at::cuda::getCurrentCUDAStream()),
-          "exl2_dequantize");
+// w_t (K, cols) fp16: columns n0 .. n0+cols-1 of W^T.
+torch::Tensor dequantized(const QMatrix& w, int64_t n0, int64_t cols, const torch::TensorOptions& options) {
+    auto w_t = torch::empty({w.K, cols}, options);
+    check(qm_dequantize(w, reinterpret_cast<half*>(w_t.data_ptr<at::Half>()), (int)n0, (int)cols,
+                        at::cuda::getCurrentCUDAStream()),
+          "qm_dequantize");
     return w_t;
+}
+
+// x (M, K) fp16 -> [x @ W_i^T (M, N_i) fp16] for matrices sharing x: one decode launch for M <= 16, else per
+// matrix a dequantized copy (a slice of columns at a time, at most 16 MB) and cuBLAS.
+std::vector<torch::Tensor> qm_matmul(const torch::Tensor& x, const std::vector<std::vector<torch::Tensor>>& mats) {
+    TORCH_CHECK(x.dtype() == torch::kHalf && x.is_contiguous() && x.dim() == 2 && x.is_cuda(),
+                "x must be contiguous (M, K) fp16 on the GPU");
+    TORCH_CHECK(!mats.empty() && mats.size() <= QM_MAX_BATCH, "1 to ", QM_MAX_BATCH, " matrices per call");
+    const c10::cuda::CUDAGuard guard(x.device());
+    std::vector<QMatrix> w;
+    std::vector<torch::Tensor> outs;
+    std::vector<half*> out_ptrs;
+    const int M = (int)x.size(0);
+    for (const auto& t : mats) {
+        w.push_back(qmatrix(t));
+        TORCH_CHECK(x.size(1) == w.back().K, "x has ", x.size(1), " columns, the matrix ", w.back().K, " rows");
+        outs.push_back(torch::empty({M, w.back().N}, x.options()));
+        out_ptrs.push_back(reinterpret_cast<half*>(outs.back().data_ptr<at::Half>()));
+    }
+    auto stream = at::cuda::getCurrentCUDAStream();
+    if (M <= QM_MAX_M) {
+        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        const size_t floats = qm_workspace(w.data(), (int)w.size(), M, sms);
+        auto workspace = torch::empty({(int64_t)floats}, x.options().dtype(torch::kFloat));
+        check(qm_gemv(w.data(), out_ptrs.data(), (int)w.size(), reinterpret_cast<const half*>(x.data_ptr<at::Half>()),
+                      M, workspace.data_ptr<float>(), sms, stream),
+              "qm_gemv");
+        return outs;
+    }
+    for (size_t i = 0; i < w.size(); i++) {
+        const int64_t N = w[i].N, step = std::max<int64_t>(QM_TILE, (int64_t(1) << 23) / w[i].K / QM_TILE * QM_TILE);
+        if (step >= N) {
+            at::mm_out(outs[i], x, dequantized(w[i], 0, N, x.options()));
+            continue;
+        }
+        for (int64_t n0 = 0; n0 < N; n0 += step) {
+            const int64_t cols = std::min(step, N - n0);
+            outs[i].narrow(1, n0, cols).copy_(at::mm(x, dequantized(w[i], n0, cols, x.options())));
+        }
+    }
+    return outs;
+}
+
+// W^T (K, N) fp16 in input-channel order (tests, and the bf16 path, which multiplies in its own dtype).
+torch::Tensor qm_weight(const std::vector<torch::Tensor>& mat) {
+    const c10::cuda::CUDAGuard guard(mat[0].device());
+    const QMatrix w = qmatrix(mat);
+    return dequantized(w, 0, w.N, mat[4].numel() ? mat[4].options() : mat[3].options());
 }
 
 // Call f(pointer type tag) for the tensor's dtype: half, bfloat16 or float.
@@ -157,8 +189,8 @@ torch::Tensor scale_errors_(const torch::Tensor& w, const torch::Tensor& scales,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("exl2_matmul", &exl2_matmul, "x @ W^T for an EXL2 matrix");
-    m.def("exl2_weight", &exl2_weight, "W^T (K, N) fp16 of an EXL2 matrix, in input-channel order");
+    m.def("qm_matmul", &qm_matmul, "x @ W^T for packed EXL2/GPTQ matrices sharing x");
+    m.def("qm_weight", &qm_weight, "W^T (K, N) fp16 of a packed matrix, in input-channel order");
     m.def("rms_norm", &rms_norm_, "RMSNorm over the last dimension, fp32 math");
     m.def("rotary_", &rotary_, "rotary embedding in place, rotate-half layout");
     m.def("act_mul", &act_mul_, "act(gate) * up; act 0 = SiLU, 1 = tanh GELU");

@@ -80,61 +80,94 @@ __global__ void act_mul_kernel(const T* __restrict__ gate, const T* __restrict__
     }
 }
 
-constexpr int ATTN_THREADS = 128;
+constexpr int ATTN_THREADS = 256;
+constexpr int ATTN_KEYS = 8;    // keys each warp scores at once: their loads are in flight together
+constexpr int ATTN_MAX_D = 256;  // head dimensions the kernel takes
 
-// Block per (sequence, query head). Scores: each warp takes a key at a time, its lanes reading the key row
-// together (coalesced) and reducing by shuffles. Output: each thread owns dimensions and sums over the keys,
-// unrolled so the v loads are in flight together.
+// Block per (sequence, query head), over the keys the query can see only. Scores: each warp takes ATTN_KEYS
+// keys at a time, its lanes reading each key row together (coalesced) and reducing by shuffles. Output: the
+// threads split into key lanes x dimension pairs, each summing its keys for two dimensions, then the key
+// lanes' sums are added through shared memory.
 template <typename T>
 __global__ void __launch_bounds__(ATTN_THREADS) decode_attention_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
     const int64_t* __restrict__ positions, int H, int KVH, int S, int D, int kv_len, int window, float scale,
     float softcap) {
-    extern __shared__ float smem[];  // D floats of q, then kv_len scores
+    extern __shared__ float smem[];  // D floats of q, kv_len scores, then ATTN_THREADS * 2 partial sums
     float* qs = smem;
     float* scores = smem + D;
+    float* partial = scores + kv_len;
     const int b = blockIdx.x / H, h = blockIdx.x % H, kvh = h / (H / KVH);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const int64_t pos = positions[b];
+    const int end = (int)min((int64_t)kv_len, pos + 1);
+    const int begin = window > 0 ? (int)max((int64_t)0, pos - window + 1) : 0;
     const T* qrow = q + ((size_t)b * H + h) * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = to_float(qrow[d]);
     __syncthreads();
     const T* kb = k + ((size_t)b * KVH + kvh) * S * D;
     const T* vb = v + ((size_t)b * KVH + kvh) * S * D;
     float local_max = -INFINITY;
-    for (int j = warp; j < kv_len; j += warps) {
-        float s = -INFINITY;
-        if (j <= pos && (window == 0 || j > pos - window)) {
-            const T* krow = kb + (size_t)j * D;
-            float dot = 0.f;
-            for (int d = lane; d < D; d += 32) dot += qs[d] * to_float(krow[d]);
-            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
-            s = dot * scale;
-            if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
+    for (int j0 = begin + warp * ATTN_KEYS; j0 < end; j0 += warps * ATTN_KEYS) {
+        float dot[ATTN_KEYS] = {};
+#pragma unroll
+        for (int e = 0; e < ATTN_MAX_D / 32; e++) {  // unrolled: every load of the ATTN_KEYS keys in flight
+            const int d = lane + 32 * e;
+            if (d < D) {
+                const float qd = qs[d];
+#pragma unroll
+                for (int u = 0; u < ATTN_KEYS; u++)  // keys past the end read the last one (discarded below)
+                    dot[u] += qd * to_float(kb[(size_t)min(j0 + u, end - 1) * D + d]);
+            }
         }
-        if (lane == 0) scores[j] = s;
-        local_max = fmaxf(local_max, s);
+#pragma unroll
+        for (int u = 0; u < ATTN_KEYS; u++) {
+            for (int o = 16; o > 0; o >>= 1) dot[u] += __shfl_xor_sync(0xffffffff, dot[u], o);
+            if (j0 + u < end) {
+                float s = dot[u] * scale;
+                if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
+                if (lane == 0) scores[j0 + u] = s;
+                local_max = fmaxf(local_max, s);
+            }
+        }
     }
     const float m = block_max(local_max);  // its barriers also publish the scores
     float local_sum = 0.f;
-    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
-        const float e = scores[j] == -INFINITY ? 0.f : __expf(scores[j] - m);
+    for (int j = begin + threadIdx.x; j < end; j += blockDim.x) {
+        const float e = __expf(scores[j] - m);
         scores[j] = e;
         local_sum += e;
     }
-    const float inv = 1.f / block_sum(local_sum);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        int j = 0;
-        for (; j + 8 <= kv_len; j += 8) {
+    const float inv = 1.f / block_sum(local_sum);  // and publish the exponentials
+    const int pairs = D / 2, key_lanes = blockDim.x / pairs;
+    const int kl = threadIdx.x / pairs, d = threadIdx.x % pairs * 2;
+    if (kl < key_lanes) {
+        float a0[8] = {}, a1[8] = {};  // eight keys' loads in flight together
+        int j = begin + kl;
+        for (; j + 7 * key_lanes < end; j += 8 * key_lanes) {
 #pragma unroll
-            for (int u = 0; u < 8; u++) acc[u] += scores[j + u] * to_float(vb[(size_t)(j + u) * D + d]);
+            for (int u = 0; u < 8; u++) {
+                const float p = scores[j + u * key_lanes];
+                const T* row = vb + (size_t)(j + u * key_lanes) * D + d;
+                a0[u] += p * to_float(row[0]);
+                a1[u] += p * to_float(row[1]);
+            }
         }
-        for (; j < kv_len; j++) acc[0] += scores[j] * to_float(vb[(size_t)j * D + d]);
-        float total = 0.f;
+        for (; j < end; j += key_lanes) {
+            a0[0] += scores[j] * to_float(vb[(size_t)j * D + d]);
+            a1[0] += scores[j] * to_float(vb[(size_t)j * D + d + 1]);
+        }
+        float s0 = 0.f, s1 = 0.f;
 #pragma unroll
-        for (int u = 0; u < 8; u++) total += acc[u];
-        out[((size_t)b * H + h) * D + d] = from_float<T>(total * inv);
+        for (int u = 0; u < 8; u++) s0 += a0[u], s1 += a1[u];
+        partial[kl * D + d] = s0;
+        partial[kl * D + d + 1] = s1;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float total = 0.f;
+        for (int l = 0; l < key_lanes; l++) total += partial[l * D + i];
+        out[((size_t)b * H + h) * D + i] = from_float<T>(total * inv);
     }
 }
 
@@ -166,8 +199,8 @@ template <typename T>
 cudaError_t decode_attention(const T* q, const T* k, const T* v, T* out, const int64_t* positions, int B, int H,
                              int KVH, int S, int D, int kv_len, int window, float scale, float softcap,
                              cudaStream_t stream) {
-    const size_t shared = sizeof(float) * (D + kv_len);  // callers keep this within the default 48 KB
-    if (shared > 48 * 1024) return cudaErrorInvalidValue;
+    const size_t shared = sizeof(float) * (D + kv_len + 2 * ATTN_THREADS);  // callers keep this within 48 KB
+    if (shared > 48 * 1024 || D % 2 || D > ATTN_MAX_D) return cudaErrorInvalidValue;
     decode_attention_kernel<T><<<B * H, ATTN_THREADS, shared, stream>>>(q, k, v, out, positions, H, KVH, S, D, kv_len,
                                                                        window, scale, softcap);
     return cudaGetLastError();

@@ -18,8 +18,9 @@ def _nibbles(words: torch.Tensor) -> torch.Tensor:
     return (words.to(torch.int64)[..., None] >> (4 * torch.arange(8, device=words.device))) & 15
 
 
-def dequantize(tensors: dict[str, torch.Tensor], key: str, in_features: int, v2: bool) -> torch.Tensor:
-    """The linear's weight as (N, K) fp16."""
+def read(tensors: dict[str, torch.Tensor], key: str, in_features: int, v2: bool):
+    """Unpack one linear, checking its tensors against each other: codes (K, N), zero points (G, N) (as used,
+    v1's offset applied), scales (G, N) fp16 and each row's group g_idx (K,), all on the tensors' device."""
     for suffix in ("qweight", "qzeros", "scales"):
         if suffix not in tensors:
             raise ExlError(f"GPTQ tensor {key}.{suffix} is missing; the checkpoint is incomplete or damaged")
@@ -43,5 +44,10 @@ def dequantize(tensors: dict[str, torch.Tensor], key: str, in_features: int, v2:
     g_idx = g_idx.to(torch.int64)
     if g_idx.shape != (k,) or int(g_idx.max()) >= groups or int(g_idx.min()) < 0:
         raise ExlError(f"GPTQ tensor {key}.g_idx does not map {k} rows into {groups} groups")
-    w = (q - zeros[g_idx]).half() * scales[g_idx]
-    return w.T.contiguous()
+    return q, zeros, scales, g_idx
+
+
+def dequantize(tensors: dict[str, torch.Tensor], key: str, in_features: int, v2: bool) -> torch.Tensor:
+    """The linear's weight as (N, K) fp16."""
+    q, zeros, scales, g_idx = read(tensors, key, in_features, v2)
+    return ((q - zeros[g_idx]).half() * scales[g_idx]).T.contiguous()

@@ -1,0 +1,72 @@
+"""Time of each decode kernel on its own, for the Llama-3-8B shapes of benchmarks/exl2.py: where a decode step's
+time goes, and how close each quantized matmul comes to the bandwidth bound.
+
+    python benchmarks/kernels.py
+
+Each kernel is captured 50 times into a CUDA graph and the graph replayed, so launch gaps are as in decode.
+GB/s counts the packed tensors each matmul reads (codes, scales, tables); the bound is the 3.0 TB/s copy
+bandwidth.
+"""
+
+import torch
+
+from core import COPY_BANDWIDTH
+from exl2 import BODY, HEAD, SHAPE, random_exl2
+
+from exlcore.ext import extension
+from exlcore.formats.qmatrix import QMatmul, matmul
+
+REPEATS = 50
+
+
+def graph_time(fn) -> float:
+    """Seconds per call of fn, replayed from a CUDA graph of REPEATS calls."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPEATS):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (5 * REPEATS)
+
+
+def main():
+    ext = extension()
+    gen = torch.Generator("cuda").manual_seed(0)
+    h, i, d = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["head_dim"]
+    q, kv = SHAPE["num_attention_heads"] * d, SHAPE["num_key_value_heads"] * d
+
+    def packed(n, k, option):
+        t = random_exl2(n, k, option, gen)
+        return QMatmul.exl2(ext, t, "bench", k, n), sum(v.numel() * v.element_size() for v in t.values())
+
+    groups = {"q/k/v": [(q, h), (kv, h), (kv, h)], "o": [(h, q)], "gate/up": [(i, h), (i, h)], "down": [(h, i)],
+              "head": [(SHAPE["vocab_size"], h)]}
+    print("| kernel | M | us | GB/s | of 3.0 TB/s |\n|---|---:|---:|---:|---:|")
+    for name, shapes in groups.items():
+        mats = [packed(n, k, HEAD if name == "head" else BODY) for n, k in shapes]
+        size = sum(b for _, b in mats)
+        for m in (1, 4, 16):
+            x = torch.randn(m, shapes[0][1], device="cuda", generator=gen).half()
+            t = graph_time(lambda: matmul([mm for mm, _ in mats], x))
+            print(f"| {name} | {m} | {t * 1e6:.1f} | {size / t / 1e9:.0f} | {size / t / COPY_BANDWIDTH:.0%} |", flush=True)
+    for kv_len, position in ((256, 200), (2048, 2000)):
+        qh = torch.randn(1, SHAPE["num_attention_heads"], d, device="cuda").half()
+        cache = torch.randn(2, 1, SHAPE["num_key_value_heads"], kv_len, d, device="cuda").half()
+        pos = torch.tensor([position], device="cuda")
+        t = graph_time(lambda: ext.decode_attention(qh, cache[0], cache[1], pos, kv_len, 0, d**-0.5, 0.0))
+        print(f"| decode attention, {position + 1} keys | 1 | {t * 1e6:.1f} | | |")
+    x = torch.randn(1, 1, h, device="cuda").half()
+    w = torch.ones(h, device="cuda")
+    print(f"| rms_norm | 1 | {graph_time(lambda: ext.rms_norm(x, w, 1e-5)) * 1e6:.1f} | | |")
+
+
+if __name__ == "__main__":
+    main()

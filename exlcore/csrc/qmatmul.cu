@@ -1,0 +1,289 @@
+// Quantized matmul kernels. The decode kernel gives each warp one work item: 64 output columns (two per lane,
+// 8-byte loads, 256 contiguous bytes per warp per packed row) over one slice of the matrix's chunks. Codes
+// become fp16 pairs with the 0x6400 exponent trick (1024 + code, exact), are centred and scaled exactly as
+// the reference dequantizes them, and are multiplied in half2 within a chunk, summed in fp32 across chunks.
+// Slices of one column tile are summed by the last warp to finish (a counter per tile), in slice order, so
+// results do not depend on timing, and the output is written once, in fp16.
+#include <algorithm>
+
+#include "qmatmul.cuh"
+
+namespace {
+
+constexpr int WARPS = 4;           // warps per block; each is an independent work item
+constexpr int ITEMS_PER_SM = 32;   // work items to aim for per SM: enough loads in flight to fill HBM
+constexpr int MIN_CHUNKS = 4;      // chunks per item at least: a split must pay for its partial sums
+constexpr uint32_t MAGIC = 0x64006400u;  // two fp16 1024.0: a code in the low mantissa bits reads 1024 + code
+
+struct Plan {
+    int splits[QM_MAX_BATCH];
+    int first_item[QM_MAX_BATCH + 1];  // the work items of matrix i are first_item[i] .. first_item[i+1]-1
+};
+
+int tiles_of(const QMatrix& w) { return (w.N + QM_TILE - 1) / QM_TILE; }
+
+Plan plan(const QMatrix* mats, int count, int sm_count) {
+    Plan p{};
+    int tiles = 0;
+    for (int i = 0; i < count; i++) tiles += tiles_of(mats[i]);
+    const int want = std::max(1, (sm_count * ITEMS_PER_SM + tiles - 1) / tiles);
+    for (int i = 0; i < count; i++) {
+        const int chunks = mats[i].n_chunks;
+        const int s = std::max(1, std::min(want, chunks / MIN_CHUNKS));
+        const int per = (chunks + s - 1) / s;
+        p.splits[i] = (chunks + per - 1) / per;  // no empty slices
+        p.first_item[i + 1] = p.first_item[i] + p.splits[i] * tiles_of(mats[i]);
+    }
+    return p;
+}
+
+struct Batch {
+    QMatrix m[QM_MAX_BATCH];
+    half* out[QM_MAX_BATCH];
+    float* partial[QM_MAX_BATCH];  // (splits, M, N) per matrix split into slices
+    Plan plan;
+    int count;
+};
+
+// Bits BITS * i .. of the little-endian word stream `word(j)`, in the low bits (higher bits: garbage).
+template <int BITS, typename W>
+__device__ __forceinline__ uint32_t code_at(int i, W&& word) {
+    const int bit = BITS * i, j = bit / 32, s = bit % 32;
+    return s + BITS <= 32 ? word(j) >> s : __funnelshift_r(word(j), word(j + 1), s);
+}
+
+// The ROWS codes of one chunk column as ROWS/2 pairs, each as two fp16 (1024 + code): use(pair, raw bits)
+// for the two columns at once. Pair order (rows of each pair) is pair_rows in exlcore/formats/qmatrix.py.
+template <int BITS, int ROWS, typename F>
+__device__ __forceinline__ void for_pairs(const uint2* q, F&& use) {
+    constexpr uint32_t MASK = ((1u << BITS) - 1) * 0x10001u;
+    if constexpr (16 % BITS == 0) {  // 2, 4, 8 bits: the codes 16 bits apart in a word form a pair
+        constexpr int PER_WORD = 16 / BITS;
+#pragma unroll
+        for (int j = 0; j < ROWS * BITS / 32; j++)
+#pragma unroll
+            for (int t = 0; t < PER_WORD; t++)
+                use(j * PER_WORD + t, ((q[j].x >> (BITS * t)) & MASK) | MAGIC, ((q[j].y >> (BITS * t)) & MASK) | MAGIC);
+    } else {  // 3, 5, 6 bits: neighbouring codes form a pair
+        auto x = [&](int j) { return q[j].x; };
+        auto y = [&](int j) { return q[j].y; };
+#pragma unroll
+        for (int p = 0; p < ROWS / 2; p++)
+            use(p, (__byte_perm(code_at<BITS>(2 * p, x), code_at<BITS>(2 * p + 1, x), 0x5410) & MASK) | MAGIC,
+                (__byte_perm(code_at<BITS>(2 * p, y), code_at<BITS>(2 * p + 1, y), 0x5410) & MASK) | MAGIC);
+    }
+}
+
+__device__ __forceinline__ half2 as_half2(uint32_t bits) { return *reinterpret_cast<half2*>(&bits); }
+
+// Scale and (1024 + zero point) of group g for columns n, n + 1, each broadcast to both halves.
+template <int BITS>
+__device__ __forceinline__ void group_params(const QMatrix& w, int g, int n, half2 (&scale)[2], half2 (&zero)[2]) {
+    if (w.scale_codes != nullptr) {
+        const uint32_t word = __ldg(w.scale_codes + (size_t)g * (w.N / 8) + n / 8);
+        const half unit = __hmul(__ldg(w.scale_max + g), __float2half(1.0f / 256));
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const int code = ((word >> (4 * (n % 8 + c))) & 15) + 1;
+            scale[c] = __half2half2(__hmul(__int2half_rn(code * code), unit));
+            zero[c] = __half2half2(__int2half_rn(1024 + (1 << (BITS - 1))));
+        }
+    } else {
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const half2 sz = __ldg(w.scale_zero + (size_t)g * w.N + n + c);
+            scale[c] = __low2half2(sz);
+            zero[c] = __high2half2(sz);
+        }
+    }
+}
+
+// The packed words of one chunk for columns n, n + 1 (streamed: read once, kept out of the way in L2).
+template <int BITS, int ROWS>
+__device__ __forceinline__ void load_chunk(const QMatrix& w, int row, int n, bool live, uint2 (&q)[ROWS * BITS / 32]) {
+#pragma unroll
+    for (int j = 0; j < ROWS * BITS / 32; j++)
+        q[j] = live ? __ldcs(reinterpret_cast<const uint2*>(w.q_weight + (size_t)(row + j) * w.N + n)) : make_uint2(0, 0);
+}
+
+// One chunk of one work item: acc[m][c] += x[m] . W[column n + c] over the chunk's rows. The warp gathers
+// the chunk's x through pair_rows into xs while its weight loads are in flight.
+template <int BITS, int ROWS, int MAXM>
+__device__ __forceinline__ void gemv_chunk(const QMatrix& w, int4 ch, int n, bool live, const half* __restrict__ x,
+                                           int M, half2 (*xs)[16], float (&acc)[MAXM][2]) {
+    uint2 q[ROWS * BITS / 32];
+    load_chunk<BITS, ROWS>(w, ch.x, n, live, q);
+    const int lane = threadIdx.x % 32;
+    __syncwarp();  // the previous chunk is done with xs
+    for (int i = lane; i < MAXM * ROWS / 2; i += 32) {
+        const int m = i / (ROWS / 2), p = i % (ROWS / 2);
+        if (m < M) {
+            const uint32_t r = __ldg(w.pair_rows + ch.w + p);
+            const half* xm = x + (size_t)m * w.K;
+            xs[m][p] = __halves2half2(xm[r & 0xFFFF], xm[r >> 16]);
+        }
+    }
+    __syncwarp();
+    half2 scale[2], zero[2];
+    group_params<BITS>(w, ch.z, n, scale, zero);
+    half2 h[MAXM][2];
+#pragma unroll
+    for (int m = 0; m < MAXM; m++) h[m][0] = h[m][1] = __float2half2_rn(0.f);
+    for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1) {
+        const half2 w0 = __hmul2(__hsub2(as_half2(raw0), zero[0]), scale[0]);
+        const half2 w1 = __hmul2(__hsub2(as_half2(raw1), zero[1]), scale[1]);
+#pragma unroll
+        for (int m = 0; m < MAXM; m++) {
+            if (m < M) {
+                const half2 xp = xs[m][p];
+                h[m][0] = __hfma2(w0, xp, h[m][0]);
+                h[m][1] = __hfma2(w1, xp, h[m][1]);
+            }
+        }
+    });
+#pragma unroll
+    for (int m = 0; m < MAXM; m++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) acc[m][c] += __low2float(h[m][c]) + __high2float(h[m][c]);
+}
+
+template <int MAXM>
+__global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant__ Batch b, const half* __restrict__ x,
+                                                         int M) {
+    __shared__ half2 xs_all[WARPS][MAXM][16];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int item = blockIdx.x * WARPS + warp;
+    if (item >= b.plan.first_item[b.count]) return;
+    int mi = 0;
+    while (item >= b.plan.first_item[mi + 1]) mi++;
+    const QMatrix& w = b.m[mi];
+    const int splits = b.plan.splits[mi], local = item - b.plan.first_item[mi];
+    const int tile = local / splits, split = local % splits;
+    const int n = tile * QM_TILE + lane * 2;
+    const bool live = n < w.N;  // N is a multiple of 8: both columns or neither
+    const int per = (w.n_chunks + splits - 1) / splits;
+    const int c1 = min((split + 1) * per, w.n_chunks);
+    float acc[MAXM][2];
+#pragma unroll
+    for (int m = 0; m < MAXM; m++) acc[m][0] = acc[m][1] = 0.f;
+    half2(*xs)[16] = xs_all[warp];
+    for (int c = split * per; c < c1; c++) {
+        const int4 ch = __ldg(w.chunks + c);
+        const bool full = (ch.y >> 8) == 32;
+        switch (ch.y & 0xFF) {
+            case 8: full ? gemv_chunk<8, 32>(w, ch, n, live, x, M, xs, acc) : gemv_chunk<8, 16>(w, ch, n, live, x, M, xs, acc); break;
+            case 6: full ? gemv_chunk<6, 32>(w, ch, n, live, x, M, xs, acc) : gemv_chunk<6, 16>(w, ch, n, live, x, M, xs, acc); break;
+            case 5: gemv_chunk<5, 32>(w, ch, n, live, x, M, xs, acc); break;
+            case 4: full ? gemv_chunk<4, 32>(w, ch, n, live, x, M, xs, acc) : gemv_chunk<4, 16>(w, ch, n, live, x, M, xs, acc); break;
+            case 3: gemv_chunk<3, 32>(w, ch, n, live, x, M, xs, acc); break;
+            case 2: full ? gemv_chunk<2, 32>(w, ch, n, live, x, M, xs, acc) : gemv_chunk<2, 16>(w, ch, n, live, x, M, xs, acc); break;
+        }
+    }
+
+    half* out = b.out[mi];
+    if (splits == 1) {
+        if (live)
+            for (int m = 0; m < M; m++)
+                *reinterpret_cast<half2*>(out + (size_t)m * w.N + n) = __floats2half2_rn(acc[m][0], acc[m][1]);
+        return;
+    }
+    float* partial = b.partial[mi];
+    if (live)
+        for (int m = 0; m < M; m++)
+            __stcg(reinterpret_cast<float2*>(partial + ((size_t)split * M + m) * w.N + n), make_float2(acc[m][0], acc[m][1]));
+    __threadfence();  // this slice's sums are visible everywhere before it is counted
+    __syncwarp();
+    int* counter = w.counters + tile;
+    int done = 0;
+    if (lane == 0) done = atomicAdd(counter, 1);
+    done = __shfl_sync(0xFFFFFFFFu, done, 0);
+    if (done != splits - 1) return;
+    __threadfence();  // the last slice in: every other slice's sums are visible now
+    if (live)
+        for (int m = 0; m < M; m++) {
+            float2 s = make_float2(0.f, 0.f);
+#pragma unroll 8
+            for (int k = 0; k < splits; k++) {
+                const float2 v = __ldcg(reinterpret_cast<const float2*>(partial + ((size_t)k * M + m) * w.N + n));
+                s.x += v.x;
+                s.y += v.y;
+            }
+            *reinterpret_cast<half2*>(out + (size_t)m * w.N + n) = __floats2half2_rn(s.x, s.y);
+        }
+    if (lane == 0) *counter = 0;  // ready for the next launch (CUDA graphs replay the same counters)
+}
+
+template <int BITS, int ROWS>
+__device__ __forceinline__ void dequantize_chunk(const QMatrix& w, int4 ch, int n, half* __restrict__ w_t, int n0,
+                                                 int cols) {
+    uint2 q[ROWS * BITS / 32];
+    load_chunk<BITS, ROWS>(w, ch.x, n, true, q);
+    half2 scale[2], zero[2];
+    group_params<BITS>(w, ch.z, n, scale, zero);
+    for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1) {
+        const half2 w0 = __hmul2(__hsub2(as_half2(raw0), zero[0]), scale[0]);
+        const half2 w1 = __hmul2(__hsub2(as_half2(raw1), zero[1]), scale[1]);
+        const uint32_t r = __ldg(w.pair_rows + ch.w + p);
+        *reinterpret_cast<half2*>(w_t + (size_t)(r & 0xFFFF) * cols + n - n0) = __lows2half2(w0, w1);
+        *reinterpret_cast<half2*>(w_t + (size_t)(r >> 16) * cols + n - n0) = __highs2half2(w0, w1);
+    });
+}
+
+__global__ void __launch_bounds__(WARPS * 32) dequantize_kernel(QMatrix w, half* __restrict__ w_t, int n0, int cols) {
+    const int c = blockIdx.y * WARPS + threadIdx.x / 32;
+    const int n = n0 + blockIdx.x * QM_TILE + threadIdx.x % 32 * 2;
+    if (c >= w.n_chunks || n >= n0 + cols) return;
+    const int4 ch = __ldg(w.chunks + c);
+    const bool full = (ch.y >> 8) == 32;
+    switch (ch.y & 0xFF) {
+        case 8: full ? dequantize_chunk<8, 32>(w, ch, n, w_t, n0, cols) : dequantize_chunk<8, 16>(w, ch, n, w_t, n0, cols); break;
+        case 6: full ? dequantize_chunk<6, 32>(w, ch, n, w_t, n0, cols) : dequantize_chunk<6, 16>(w, ch, n, w_t, n0, cols); break;
+        case 5: dequantize_chunk<5, 32>(w, ch, n, w_t, n0, cols); break;
+        case 4: full ? dequantize_chunk<4, 32>(w, ch, n, w_t, n0, cols) : dequantize_chunk<4, 16>(w, ch, n, w_t, n0, cols); break;
+        case 3: dequantize_chunk<3, 32>(w, ch, n, w_t, n0, cols); break;
+        case 2: full ? dequantize_chunk<2, 32>(w, ch, n, w_t, n0, cols) : dequantize_chunk<2, 16>(w, ch, n, w_t, n0, cols); break;
+    }
+}
+
+template <int MAXM>
+cudaError_t launch(const Batch& b, const half* x, int M, cudaStream_t stream) {
+    const int items = b.plan.first_item[b.count];
+    gemv_kernel<MAXM><<<(items + WARPS - 1) / WARPS, WARPS * 32, 0, stream>>>(b, x, M);
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t qm_workspace(const QMatrix* mats, int count, int M, int sm_count) {
+    const Plan p = plan(mats, count, sm_count);
+    size_t floats = 0;
+    for (int i = 0; i < count; i++)
+        if (p.splits[i] > 1) floats += (size_t)p.splits[i] * M * mats[i].N;
+    return floats;
+}
+
+cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const half* x, int M, float* workspace,
+                    int sm_count, cudaStream_t stream) {
+    Batch b{};
+    b.count = count;
+    b.plan = plan(mats, count, sm_count);
+    for (int i = 0; i < count; i++) {
+        b.m[i] = mats[i];
+        b.out[i] = outs[i];
+        if (b.plan.splits[i] > 1) {
+            b.partial[i] = workspace;
+            workspace += (size_t)b.plan.splits[i] * M * mats[i].N;
+        }
+    }
+    if (M == 1) return launch<1>(b, x, M, stream);
+    if (M == 2) return launch<2>(b, x, M, stream);
+    if (M <= 4) return launch<4>(b, x, M, stream);
+    if (M <= 8) return launch<8>(b, x, M, stream);
+    return launch<QM_MAX_M>(b, x, M, stream);
+}
+
+cudaError_t qm_dequantize(const QMatrix& w, half* w_t, int n0, int cols, cudaStream_t stream) {
+    const dim3 grid((cols + QM_TILE - 1) / QM_TILE, (w.n_chunks + WARPS - 1) / WARPS);
+    dequantize_kernel<<<grid, WARPS * 32, 0, stream>>>(w, w_t, n0, cols);
+    return cudaGetLastError();
+}

@@ -1,0 +1,94 @@
+"""EXL2 and GPTQ linears kept packed on the GPU and multiplied by the extension (exlcore/csrc/qmatmul.cu).
+
+Both formats store codes as a little-endian bit stream down each column, in groups of rows that share a bit
+width and per-column scales. The kernels walk them in chunks of 32 rows (16 at the end of an even-width group
+whose length is not a multiple of 32), described by two tables built here:
+
+    chunks     int32 (C, 4)  first q_weight row, bits | rows << 8, group, first pair
+    pair_rows  int32 (K/2,)  the input channels (lo | hi << 16) of each pair of codes the kernel decodes together
+
+A pair is two codes 16 bits apart in one word for 2, 4 and 8 bits (one mask gives both as fp16), and two
+neighbouring codes for 3, 5 and 6 bits. GPTQ's act order is turned into EXL2's: rows sorted by group, with
+the permutation in pair_rows.
+"""
+
+import torch
+
+from exlcore.formats import exl2, gptq
+
+
+def pair_order(bits: int, rows: int) -> list[tuple[int, int]]:
+    """The rows (within a chunk of `rows` rows) of each pair of codes, in the order the kernel decodes them."""
+    if 16 % bits == 0:
+        per_word = 32 // bits
+        return [(j * per_word + t, j * per_word + t + per_word // 2)
+                for j in range(rows * bits // 32) for t in range(per_word // 2)]
+    return [(2 * p, 2 * p + 1) for p in range(rows // 2)]
+
+
+def tables(bits: list[int], rows: list[int], starts: list[int], perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunks and pair_rows for groups of the given bit widths, row counts and first q_weight rows, with
+    stored row k being input channel perm[k]."""
+    chunks, pairs, first = [], [], 0
+    for group, (b, r, start) in enumerate(zip(bits, rows, starts)):
+        for c0 in range(0, r, 32):
+            n = min(32, r - c0)
+            chunks.append((start + c0 * b // 32, b | n << 8, group, (first + c0) // 2))
+            pairs += [(first + c0 + lo, first + c0 + hi) for lo, hi in pair_order(b, n)]
+        first += r
+    index = perm.to(torch.int64)[torch.tensor(pairs, device=perm.device)]
+    return (torch.tensor(chunks, dtype=torch.int32, device=perm.device),
+            exl2._as_int32(index[:, 0] | index[:, 1] << 16))
+
+
+def supported(in_features: int) -> bool:
+    """pair_rows holds 16-bit channel indices."""
+    return in_features <= 1 << 16
+
+
+class QMatmul:
+    """x @ W^T for one packed linear: the decode kernel for up to 16 rows of x, dequantize + cuBLAS beyond."""
+
+    def __init__(self, ext, q_weight: torch.Tensor, chunks: torch.Tensor, pair_rows: torch.Tensor,
+                 scale_a: torch.Tensor, scale_b: torch.Tensor, out_features: int):
+        counters = torch.zeros(-(-q_weight.shape[1] // 64), dtype=torch.int32, device=q_weight.device)
+        self.ext, self.out_features = ext, out_features
+        self.tensors = [q_weight.contiguous(), chunks, pair_rows, scale_a.contiguous(), scale_b.contiguous(), counters]
+
+    @classmethod
+    def exl2(cls, ext, tensors: dict[str, torch.Tensor], key: str, in_features: int, out_features: int):
+        bits, rows, starts = exl2.layout(tensors, key, in_features)
+        chunks, pair_rows = tables(bits, rows, starts, torch.argsort(tensors["q_invperm"].to(torch.int64)))
+        return cls(ext, tensors["q_weight"], chunks, pair_rows, tensors["q_scale"], tensors["q_scale_max"].half(),
+                   out_features)
+
+    @classmethod
+    def gptq(cls, ext, tensors: dict[str, torch.Tensor], key: str, in_features: int, out_features: int, v2: bool):
+        """None when the groups cannot be walked in 16-row chunks (then the caller dequantizes)."""
+        codes, zeros, scales, g_idx = gptq.read(tensors, key, in_features, v2)
+        perm = torch.argsort(g_idx, stable=True)  # rows sorted by group: EXL2's act order
+        rows = torch.bincount(g_idx, minlength=scales.shape[0]).tolist()
+        if any(r % 16 for r in rows):
+            return None
+        starts = [r // 8 for r in torch.tensor([0] + rows).cumsum(0).tolist()]
+        chunks, pair_rows = tables([4] * len(rows), rows, starts, perm)
+        scale_zero = torch.stack([scales.half(), (zeros + 1024).half()], -1)
+        return cls(ext, exl2.pack_bits(codes[perm], 4), chunks, pair_rows, scale_zero,
+                   torch.empty(0, dtype=torch.float16, device=codes.device), out_features)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul([self], x)[0]
+
+    def weight(self) -> torch.Tensor:
+        """W (out, in) fp16, dequantized by the kernel (for tests and the bf16 path)."""
+        return self.ext.qm_weight(self.tensors).T[: self.out_features]
+
+
+def matmul(mats: list[QMatmul], x: torch.Tensor) -> list[torch.Tensor]:
+    """x @ W^T for several packed linears of one input, in one kernel launch for decode."""
+    if x.dtype != torch.float16:
+        # The kernels take fp16 activations; bf16 models (Gemma) would overflow there, so they multiply by a
+        # dequantized copy in their own dtype instead (correct, not fast).
+        return [x @ m.weight().T.to(x.dtype) for m in mats]
+    ys = mats[0].ext.qm_matmul(x.reshape(-1, x.shape[-1]).contiguous(), [m.tensors for m in mats])
+    return [y.view(*x.shape[:-1], -1)[..., : m.out_features] for m, y in zip(mats, ys)]

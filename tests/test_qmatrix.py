@@ -1,0 +1,56 @@
+"""The tables the CUDA kernels walk (exlcore/formats/qmatrix.py), checked on the CPU: reading the packed
+codes chunk by chunk and pair by pair, as csrc/qmatmul.cu does, rebuilds exactly the reference weight of
+every EXL2 bit mix and of GPTQ with and without act order."""
+
+import pytest
+import torch
+
+from exlcore.formats import exl2, gptq
+from exlcore.formats.qmatrix import QMatmul, pair_order
+from test_exl2 import MIXES, random_linear
+from test_gptq import make_gptq
+
+
+def walk(m: QMatmul) -> torch.Tensor:
+    """W (N, K) fp16 as the kernels read it from m's tables."""
+    q_weight, chunks, pair_rows, scale_a, scale_b, _ = m.tensors
+    w_t = torch.full((pair_rows.numel() * 2, q_weight.shape[1]), float("nan"), dtype=torch.float16)
+    for word, bits_rows, group, first_pair in chunks.tolist():
+        bits, rows = bits_rows & 255, bits_rows >> 8
+        codes = exl2.unpack_bits(q_weight[word:word + rows * bits // 32], bits, rows)
+        if scale_a.dtype == torch.int32:  # EXL2: 4-bit scale codes and q_scale_max
+            scale = exl2.scales(exl2.scale_codes(scale_a[group:group + 1]), scale_b[group:group + 1])[0]
+            zero = 1 << (bits - 1)
+        else:  # GPTQ: (scale, 1024 + zero point)
+            scale, zero = scale_a[group, :, 0], scale_a[group, :, 1].long() - 1024
+        channels = pair_rows[first_pair:first_pair + rows // 2].long() & 0xFFFFFFFF
+        for (lo, hi), both in zip(pair_order(bits, rows), channels.tolist()):
+            w_t[both & 0xFFFF] = (codes[lo] - zero).half() * scale
+            w_t[both >> 16] = (codes[hi] - zero).half() * scale
+    return w_t.T
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_exl2_tables_rebuild_the_weight(mix):
+    lin = random_linear(MIXES[mix], n=40, seed=3)
+    m = QMatmul.exl2(None, lin.pack(), "layer", lin.codes.shape[0], 40)
+    assert torch.equal(walk(m), lin.dequantize())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("v2", [False, True])
+def test_gptq_tables_rebuild_the_weight(act_order, v2):
+    tensors = make_gptq(256, 64, 32, act_order, v2)[0]
+    m = QMatmul.gptq(None, tensors, "layer", 256, 64, v2)
+    assert torch.equal(walk(m), gptq.dequantize(tensors, "layer", 256, v2))
+
+
+def test_gptq_groups_that_are_not_whole_chunks_are_left_to_the_reference():
+    tensors = make_gptq(256, 64, 8, False, False)[0]  # 8-row groups
+    assert QMatmul.gptq(None, tensors, "layer", 256, 64, False) is None
+
+
+@pytest.mark.parametrize("bits", exl2.BITS)
+def test_pair_order_covers_each_row_once(bits):
+    for rows in ([16, 32] if bits % 2 == 0 else [32]):
+        assert sorted(r for pair in pair_order(bits, rows) for r in pair) == list(range(rows))
