@@ -11,8 +11,10 @@
 namespace {
 
 constexpr int WARPS = 4;           // warps per block; each is an independent work item
-constexpr int ITEMS_PER_SM = 32;   // work items to aim for per SM: enough loads in flight to fill HBM
+constexpr int ITEMS_PER_SM = 24;   // work items to aim for per SM: enough loads in flight to fill HBM
 constexpr int MIN_CHUNKS = 4;      // chunks per item at least: a split must pay for its partial sums
+constexpr int MAX_CHUNKS = 16;     // chunks per item at most: the item's x fits its shared memory
+constexpr int MAX_WORDS = 8;       // packed rows per chunk at most (32 rows of 8 bits)
 constexpr uint32_t MAGIC = 0x64006400u;  // two fp16 1024.0: a code in the low mantissa bits reads 1024 + code
 
 struct Plan {
@@ -29,7 +31,7 @@ Plan plan(const QMatrix* mats, int count, int sm_count) {
     const int want = std::max(1, (sm_count * ITEMS_PER_SM + tiles - 1) / tiles);
     for (int i = 0; i < count; i++) {
         const int chunks = mats[i].n_chunks;
-        const int s = std::max(1, std::min(want, chunks / MIN_CHUNKS));
+        const int s = std::max((chunks + MAX_CHUNKS - 1) / MAX_CHUNKS, std::min(want, chunks / MIN_CHUNKS));
         const int per = (chunks + s - 1) / s;
         p.splits[i] = (chunks + per - 1) / per;  // no empty slices
         p.first_item[i + 1] = p.first_item[i] + p.splits[i] * tiles_of(mats[i]);
@@ -99,33 +101,20 @@ __device__ __forceinline__ void group_params(const QMatrix& w, int g, int n, hal
 }
 
 // The packed words of one chunk for columns n, n + 1 (streamed: read once, kept out of the way in L2).
-template <int BITS, int ROWS>
-__device__ __forceinline__ void load_chunk(const QMatrix& w, int row, int n, bool live, uint2 (&q)[ROWS * BITS / 32]) {
+__device__ __forceinline__ void load_chunk(const QMatrix& w, int4 ch, int n, bool live, uint2 (&q)[MAX_WORDS]) {
+    const int words = (ch.y & 0xFF) * (ch.y >> 8) / 32;
 #pragma unroll
-    for (int j = 0; j < ROWS * BITS / 32; j++)
-        q[j] = live ? __ldcs(reinterpret_cast<const uint2*>(w.q_weight + (size_t)(row + j) * w.N + n)) : make_uint2(0, 0);
+    for (int j = 0; j < MAX_WORDS; j++)
+        if (live && j < words) q[j] = __ldcs(reinterpret_cast<const uint2*>(w.q_weight + (size_t)(ch.x + j) * w.N + n));
 }
 
-// One chunk of one work item: acc[m][c] += x[m] . W[column n + c] over the chunk's rows. The warp gathers
-// the chunk's x through pair_rows into xs while its weight loads are in flight.
+// Each lane's share of one chunk: acc[m][c] += x[m] . W[column n + c] over the chunk's rows, multiplied in half2.
+// xs holds the chunk's x in decode order, row m at xs[m * xs_stride].
 template <int BITS, int ROWS, int MAXM>
-__device__ __forceinline__ void gemv_chunk(const QMatrix& w, int4 ch, int n, bool live, const half* __restrict__ x,
-                                           int M, half2 (*xs)[16], float (&acc)[MAXM][2]) {
-    uint2 q[ROWS * BITS / 32];
-    load_chunk<BITS, ROWS>(w, ch.x, n, live, q);
-    const int lane = threadIdx.x % 32;
-    __syncwarp();  // the previous chunk is done with xs
-    for (int i = lane; i < MAXM * ROWS / 2; i += 32) {
-        const int m = i / (ROWS / 2), p = i % (ROWS / 2);
-        if (m < M) {
-            const uint32_t r = __ldg(w.pair_rows + ch.w + p);
-            const half* xm = x + (size_t)m * w.K;
-            xs[m][p] = __halves2half2(xm[r & 0xFFFF], xm[r >> 16]);
-        }
-    }
-    __syncwarp();
+__device__ __forceinline__ void dot_chunk(const QMatrix& w, int g, int n, const uint2 (&q)[MAX_WORDS],
+                                          const half2* xs, int xs_stride, int M, float (&acc)[MAXM][2]) {
     half2 scale[2], zero[2];
-    group_params<BITS>(w, ch.z, n, scale, zero);
+    group_params<BITS>(w, g, n, scale, zero);
     half2 h[MAXM][2];
 #pragma unroll
     for (int m = 0; m < MAXM; m++) h[m][0] = h[m][1] = __float2half2_rn(0.f);
@@ -135,7 +124,7 @@ __device__ __forceinline__ void gemv_chunk(const QMatrix& w, int4 ch, int n, boo
 #pragma unroll
         for (int m = 0; m < MAXM; m++) {
             if (m < M) {
-                const half2 xp = xs[m][p];
+                const half2 xp = xs[m * xs_stride + p];
                 h[m][0] = __hfma2(w0, xp, h[m][0]);
                 h[m][1] = __hfma2(w1, xp, h[m][1]);
             }
@@ -148,9 +137,29 @@ __device__ __forceinline__ void gemv_chunk(const QMatrix& w, int4 ch, int n, boo
 }
 
 template <int MAXM>
+__device__ __forceinline__ void dot_any(const QMatrix& w, int4 ch, int n, const uint2 (&q)[MAX_WORDS], const half2* xs,
+                                        int xs_stride, int M, float (&acc)[MAXM][2]) {
+    const bool full = (ch.y >> 8) == 32;
+    switch (ch.y & 0xFF) {
+        case 8: full ? dot_chunk<8, 32>(w, ch.z, n, q, xs, xs_stride, M, acc) : dot_chunk<8, 16>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
+        case 6: full ? dot_chunk<6, 32>(w, ch.z, n, q, xs, xs_stride, M, acc) : dot_chunk<6, 16>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
+        case 5: dot_chunk<5, 32>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
+        case 4: full ? dot_chunk<4, 32>(w, ch.z, n, q, xs, xs_stride, M, acc) : dot_chunk<4, 16>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
+        case 3: dot_chunk<3, 32>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
+        case 2: full ? dot_chunk<2, 32>(w, ch.z, n, q, xs, xs_stride, M, acc) : dot_chunk<2, 16>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
+    }
+}
+
+__device__ __forceinline__ int4 shfl(int4 v, int lane) {
+    return make_int4(__shfl_sync(0xFFFFFFFFu, v.x, lane), __shfl_sync(0xFFFFFFFFu, v.y, lane),
+                     __shfl_sync(0xFFFFFFFFu, v.z, lane), __shfl_sync(0xFFFFFFFFu, v.w, lane));
+}
+
+template <int MAXM>
 __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant__ Batch b, const half* __restrict__ x,
                                                          int M) {
-    __shared__ half2 xs_all[WARPS][MAXM][16];
+    constexpr int XS = MAX_CHUNKS * 16;  // pairs of x per warp and row of x
+    extern __shared__ half2 xs_all[];    // (WARPS, MAXM, XS)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int item = blockIdx.x * WARPS + warp;
     if (item >= b.plan.first_item[b.count]) return;
@@ -161,23 +170,39 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     const int tile = local / splits, split = local % splits;
     const int n = tile * QM_TILE + lane * 2;
     const bool live = n < w.N;  // N is a multiple of 8: both columns or neither
-    const int per = (w.n_chunks + splits - 1) / splits;
-    const int c1 = min((split + 1) * per, w.n_chunks);
+    const int per = (w.n_chunks + splits - 1) / splits, c0 = split * per, count = min(per, w.n_chunks - c0);
+
+    // The item's chunk entries, one per lane, and its x in decode order, gathered once through pair_rows: all
+    // index loads in flight at once, then all x loads.
+    const int4 mine = lane < count ? __ldg(w.chunks + c0 + lane) : make_int4(0, 0, 0, 0);
+    const int4 first = shfl(mine, 0), last = shfl(mine, count - 1);
+    const int pair0 = first.w, pairs = last.w + (last.y >> 9) - pair0;
+    half2* xs = xs_all + warp * MAXM * XS;
+    uint32_t r[XS / 32];
+#pragma unroll
+    for (int i = 0; i < XS / 32; i++) r[i] = lane + 32 * i < pairs ? __ldg(w.pair_rows + pair0 + lane + 32 * i) : 0;
+    for (int m = 0; m < M; m++) {
+        const half* xm = x + (size_t)m * w.K;
+#pragma unroll
+        for (int i = 0; i < XS / 32; i++)
+            if (lane + 32 * i < pairs) xs[m * XS + lane + 32 * i] = __halves2half2(xm[r[i] & 0xFFFF], xm[r[i] >> 16]);
+    }
+    __syncwarp();
+
     float acc[MAXM][2];
 #pragma unroll
     for (int m = 0; m < MAXM; m++) acc[m][0] = acc[m][1] = 0.f;
-    half2(*xs)[16] = xs_all[warp];
-    for (int c = split * per; c < c1; c++) {
-        const int4 ch = __ldg(w.chunks + c);
-        const bool full = (ch.y >> 8) == 32;
-        switch (ch.y & 0xFF) {
-            case 8: full ? gemv_chunk<8, 32>(w, ch, n, live, x, M, xs, acc) : gemv_chunk<8, 16>(w, ch, n, live, x, M, xs, acc); break;
-            case 6: full ? gemv_chunk<6, 32>(w, ch, n, live, x, M, xs, acc) : gemv_chunk<6, 16>(w, ch, n, live, x, M, xs, acc); break;
-            case 5: gemv_chunk<5, 32>(w, ch, n, live, x, M, xs, acc); break;
-            case 4: full ? gemv_chunk<4, 32>(w, ch, n, live, x, M, xs, acc) : gemv_chunk<4, 16>(w, ch, n, live, x, M, xs, acc); break;
-            case 3: gemv_chunk<3, 32>(w, ch, n, live, x, M, xs, acc); break;
-            case 2: full ? gemv_chunk<2, 32>(w, ch, n, live, x, M, xs, acc) : gemv_chunk<2, 16>(w, ch, n, live, x, M, xs, acc); break;
-        }
+    // The next chunk's loads are issued before this one is decoded.
+    uint2 q[MAX_WORDS], next[MAX_WORDS];
+    int4 ch = first;
+    load_chunk(w, ch, n, live, q);
+    for (int c = 0; c < count; c++) {
+        const int4 ch_next = shfl(mine, min(c + 1, count - 1));
+        if (c + 1 < count) load_chunk(w, ch_next, n, live, next);
+        dot_any<MAXM>(w, ch, n, q, xs + ch.w - pair0, XS, M, acc);
+#pragma unroll
+        for (int j = 0; j < MAX_WORDS; j++) q[j] = next[j];
+        ch = ch_next;
     }
 
     half* out = b.out[mi];
@@ -216,8 +241,8 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
 template <int BITS, int ROWS>
 __device__ __forceinline__ void dequantize_chunk(const QMatrix& w, int4 ch, int n, half* __restrict__ w_t, int n0,
                                                  int cols) {
-    uint2 q[ROWS * BITS / 32];
-    load_chunk<BITS, ROWS>(w, ch.x, n, true, q);
+    uint2 q[MAX_WORDS];
+    load_chunk(w, ch, n, true, q);
     half2 scale[2], zero[2];
     group_params<BITS>(w, ch.z, n, scale, zero);
     for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1) {
@@ -248,7 +273,12 @@ __global__ void __launch_bounds__(WARPS * 32) dequantize_kernel(QMatrix w, half*
 template <int MAXM>
 cudaError_t launch(const Batch& b, const half* x, int M, cudaStream_t stream) {
     const int items = b.plan.first_item[b.count];
-    gemv_kernel<MAXM><<<(items + WARPS - 1) / WARPS, WARPS * 32, 0, stream>>>(b, x, M);
+    const int shared = WARPS * MAXM * MAX_CHUNKS * 16 * sizeof(half2);
+    if (shared > 48 * 1024) {
+        const cudaError_t e = cudaFuncSetAttribute(gemv_kernel<MAXM>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+        if (e != cudaSuccess) return e;
+    }
+    gemv_kernel<MAXM><<<(items + WARPS - 1) / WARPS, WARPS * 32, shared, stream>>>(b, x, M);
     return cudaGetLastError();
 }
 
