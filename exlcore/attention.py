@@ -1,6 +1,7 @@
 """Multi-head attention with grouped KV heads, with the variants the architectures need: sliding window,
-logit soft-capping, QK norm and a custom query scale. Prefill runs on torch SDPA; single-token decode and
-soft-capped layers take an explicit path that needs no repeated KV heads and captures into CUDA graphs."""
+logit soft-capping, QK norm and a custom query scale. Prefill runs on torch SDPA; single-token decode on CUDA
+runs the extension's fused kernel; elsewhere decode and soft-capped layers take an explicit path that needs no
+repeated KV heads. Both decode paths capture into CUDA graphs."""
 
 from dataclasses import dataclass, field
 

@@ -8,7 +8,7 @@ from exlcore.attention import Step
 from exlcore.cache import KVCache
 from exlcore.model import Model
 
-BUCKET = 256  # attention reads keys up to the bucket's end (masked), so a graph serves 256 positions
+BUCKET = 256  # a graph attends over keys up to its bucket's end (positions beyond are masked or skipped)
 
 
 def supported(model: Model) -> bool:

@@ -71,6 +71,20 @@ def test_matrices_sharing_an_input_in_one_launch(ext, m):
             assert float((y.double().cpu() - expected).norm() / expected.norm()) < 2e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_in_column_slices_and_bf16(ext, dtype):
+    """K x N over 2^23 weights: prefill dequantizes a slice of columns at a time; bf16 activations (which the
+    fp16 decode kernel cannot take) go the same way at any M."""
+    lin = random_linear([(4, 128)] * 8 + [(3, 128)] * 8, n=4160, seed=3)
+    kernel = QMatmul.exl2(ext, {s: v.cuda() for s, v in lin.pack().items()}, "layer", 2048, 4160)
+    for m in (1, 40):
+        x = torch.randn(m, 2048, generator=torch.Generator().manual_seed(m)).to(dtype)
+        expected = x.double() @ lin.dequantize().double().T
+        got = kernel(x.cuda())
+        assert got.dtype == dtype
+        assert float((got.double().cpu() - expected).norm() / expected.norm()) < 1e-2
+
+
 @pytest.mark.parametrize("m", [1, 7, 33])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("v2", [False, True])
@@ -82,6 +96,21 @@ def test_gptq_matmul_matches_reference(ext, m, act_order, v2):
     x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).half()
     expected = x.double() @ w.double().T
     assert float((kernel(x.cuda()).double().cpu() - expected).norm() / expected.norm()) < 2e-3
+
+
+def test_packed_linears_with_bias_sharing_one_launch(tmp_path, tiny_tokenizer_dir):
+    """q/k/v and gate/up with biases go through one launch each (layers.project), biases added after."""
+    from test_exl2 import to_exl2
+    from tiny import make_tiny
+
+    make_tiny("llama_bias_mha", tmp_path / "hf", tiny_tokenizer_dir)
+    to_exl2(tmp_path / "hf", tmp_path / "exl2")
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    reference = exlcore.load(tmp_path / "exl2", device="cpu").forward(ids)
+    model = exlcore.load(tmp_path / "exl2", device="cuda", dtype=torch.float16)
+    assert model.layers[0].attn.q.kernel is not None and model.layers[0].attn.q.bias is not None
+    got = model.forward(ids).cpu()
+    assert float((got - reference).abs().max() / reference.abs().max()) < 1e-2
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral", "gemma2"])

@@ -37,10 +37,11 @@ def test_exl2_tables_rebuild_the_weight(mix):
     assert torch.equal(walk(m), lin.dequantize())
 
 
+@pytest.mark.parametrize("group", [16, 32])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("v2", [False, True])
-def test_gptq_tables_rebuild_the_weight(act_order, v2):
-    tensors = make_gptq(256, 64, 32, act_order, v2)[0]
+def test_gptq_tables_rebuild_the_weight(act_order, v2, group):
+    tensors = make_gptq(256, 64, group, act_order, v2)[0]
     m = QMatmul.gptq(None, tensors, "layer", 256, 64, v2)
     assert torch.equal(walk(m), gptq.dequantize(tensors, "layer", 256, v2))
 
@@ -48,6 +49,15 @@ def test_gptq_tables_rebuild_the_weight(act_order, v2):
 def test_gptq_groups_that_are_not_whole_chunks_are_left_to_the_reference():
     tensors = make_gptq(256, 64, 8, False, False)[0]  # 8-row groups
     assert QMatmul.gptq(None, tensors, "layer", 256, 64, False) is None
+
+
+def test_pair_order_is_the_kernels():
+    """Pinned, not derived: csrc/qmatmul.cu's for_pairs masks codes 16 bits apart in one word for 2, 4 and 8 bits
+    and joins neighbouring codes for 3, 5 and 6."""
+    assert pair_order(4, 32)[:5] == [(0, 4), (1, 5), (2, 6), (3, 7), (8, 12)]
+    assert pair_order(2, 16)[:3] == [(0, 8), (1, 9), (2, 10)]
+    assert pair_order(8, 32)[:3] == [(0, 2), (1, 3), (4, 6)]
+    assert pair_order(5, 32)[:2] == pair_order(6, 16)[:2] == [(0, 1), (2, 3)]
 
 
 @pytest.mark.parametrize("bits", exl2.BITS)

@@ -19,13 +19,16 @@ void check(cudaError_t e, const char* what) {
 // q_scale and q_scale_max or GPTQ's (scale, 1024 + zero) pairs and an empty tensor, then the tile counters.
 QMatrix qmatrix(const std::vector<torch::Tensor>& t) {
     TORCH_CHECK(t.size() == 6, "a packed matrix is 6 tensors");
-    for (const auto& x : t) TORCH_CHECK(x.is_contiguous() && (x.numel() == 0 || x.is_cuda()), "qmatrix: layout");
+    for (const auto& x : t)
+        TORCH_CHECK(x.is_contiguous() && (x.numel() == 0 || x.device() == t[0].device()), "qmatrix: layout or device");
     TORCH_CHECK(t[0].dtype() == torch::kInt32 && t[1].dtype() == torch::kInt32 && t[1].size(1) == 4 &&
                     t[2].dtype() == torch::kInt32 && t[5].dtype() == torch::kInt32,
                 "qmatrix: dtypes");
     const bool exl2 = t[3].dtype() == torch::kInt32;
     TORCH_CHECK(exl2 ? t[4].dtype() == torch::kHalf : t[3].dtype() == torch::kHalf, "qmatrix: scale dtypes");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t[0].data_ptr()) % 8 == 0 && t[0].size(1) % 8 == 0, "qmatrix: q_weight alignment");
+    TORCH_CHECK(t[2].size(0) * 2 <= 65536, "qmatrix: pair_rows holds 16-bit channels, K <= 65536");
+    TORCH_CHECK(t[5].numel() >= (t[0].size(1) + QM_TILE - 1) / QM_TILE, "qmatrix: one counter per column tile");
     return QMatrix{reinterpret_cast<const uint32_t*>(t[0].data_ptr()), reinterpret_cast<const int4*>(t[1].data_ptr()),
                    reinterpret_cast<const uint32_t*>(t[2].data_ptr()),
                    exl2 ? reinterpret_cast<const uint32_t*>(t[3].data_ptr()) : nullptr,
@@ -43,11 +46,11 @@ torch::Tensor dequantized(const QMatrix& w, int64_t n0, int64_t cols, const torc
     return w_t;
 }
 
-// x (M, K) fp16 -> [x @ W_i^T (M, N_i) fp16] for matrices sharing x: one decode launch for M <= 16, else per
-// matrix a dequantized copy (a slice of columns at a time, at most 16 MB) and cuBLAS.
+// x (M, K) -> [x @ W_i^T (M, N_i)] for matrices sharing x: for fp16 x and M <= 16 one decode launch, else per
+// matrix a dequantized copy (a slice of columns at a time, at most 16 MB, in x's dtype) and cuBLAS. bf16 models
+// (Gemma) take the second path: the decode kernel multiplies in fp16, where their activations overflow.
 std::vector<torch::Tensor> qm_matmul(const torch::Tensor& x, const std::vector<std::vector<torch::Tensor>>& mats) {
-    TORCH_CHECK(x.dtype() == torch::kHalf && x.is_contiguous() && x.dim() == 2 && x.is_cuda(),
-                "x must be contiguous (M, K) fp16 on the GPU");
+    TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.is_cuda(), "x must be contiguous (M, K) on the GPU");
     TORCH_CHECK(!mats.empty() && mats.size() <= QM_MAX_BATCH, "1 to ", QM_MAX_BATCH, " matrices per call");
     const c10::cuda::CUDAGuard guard(x.device());
     std::vector<QMatrix> w;
@@ -61,7 +64,7 @@ std::vector<torch::Tensor> qm_matmul(const torch::Tensor& x, const std::vector<s
         out_ptrs.push_back(reinterpret_cast<half*>(outs.back().data_ptr<at::Half>()));
     }
     auto stream = at::cuda::getCurrentCUDAStream();
-    if (M <= QM_MAX_M) {
+    if (M <= QM_MAX_M && x.dtype() == torch::kHalf) {
         const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
         const size_t floats = qm_workspace(w.data(), (int)w.size(), M, sms);
         auto workspace = torch::empty({(int64_t)floats}, x.options().dtype(torch::kFloat));
@@ -72,23 +75,24 @@ std::vector<torch::Tensor> qm_matmul(const torch::Tensor& x, const std::vector<s
     }
     for (size_t i = 0; i < w.size(); i++) {
         const int64_t N = w[i].N, step = std::max<int64_t>(QM_TILE, (int64_t(1) << 23) / w[i].K / QM_TILE * QM_TILE);
+        const auto half = x.options().dtype(torch::kHalf);
         if (step >= N) {
-            at::mm_out(outs[i], x, dequantized(w[i], 0, N, x.options()));
+            at::mm_out(outs[i], x, dequantized(w[i], 0, N, half).to(x.dtype()));
             continue;
         }
         for (int64_t n0 = 0; n0 < N; n0 += step) {
             const int64_t cols = std::min(step, N - n0);
-            outs[i].narrow(1, n0, cols).copy_(at::mm(x, dequantized(w[i], n0, cols, x.options())));
+            outs[i].narrow(1, n0, cols).copy_(at::mm(x, dequantized(w[i], n0, cols, half).to(x.dtype())));
         }
     }
     return outs;
 }
 
-// W^T (K, N) fp16 in input-channel order (tests, and the bf16 path, which multiplies in its own dtype).
+// W^T (K, N) fp16 in input-channel order (tests).
 torch::Tensor qm_weight(const std::vector<torch::Tensor>& mat) {
     const c10::cuda::CUDAGuard guard(mat[0].device());
     const QMatrix w = qmatrix(mat);
-    return dequantized(w, 0, w.N, mat[4].numel() ? mat[4].options() : mat[3].options());
+    return dequantized(w, 0, w.N, mat[0].options().dtype(torch::kHalf));
 }
 
 // Call f(pointer type tag) for the tensor's dtype: half, bfloat16 or float.
@@ -146,6 +150,9 @@ torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k, 
                                 double softcap) {
     TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && positions.is_contiguous(),
                 "decode_attention: layout");
+    TORCH_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype() && k.sizes() == v.sizes() && k.size(3) == q.size(2) &&
+                    q.size(1) % k.size(1) == 0 && kv_len <= k.size(2) && positions.size(0) == q.size(0),
+                "decode_attention: q (B, H, D), k and v (B, KVH, S, D) with H a multiple of KVH, kv_len <= S");
     const c10::cuda::CUDAGuard guard(q.device());
     auto out = torch::empty_like(q);
     dispatch(q, [&](auto tag) {

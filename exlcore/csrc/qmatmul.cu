@@ -5,6 +5,7 @@
 // Slices of one column tile are summed by the last warp to finish (a counter per tile), in slice order, so
 // results do not depend on timing, and the output is written once, in fp16.
 #include <algorithm>
+#include <type_traits>
 
 #include "qmatmul.cuh"
 
@@ -78,6 +79,11 @@ __device__ __forceinline__ void for_pairs(const uint2* q, F&& use) {
 
 __device__ __forceinline__ half2 as_half2(uint32_t bits) { return *reinterpret_cast<half2*>(&bits); }
 
+// Two raw codes (1024 + code) -> their weights, exactly as the reference: half(code - zero) * scale.
+__device__ __forceinline__ half2 weights(uint32_t raw, half2 zero, half2 scale) {
+    return __hmul2(__hsub2(as_half2(raw), zero), scale);
+}
+
 // Scale and (1024 + zero point) of group g for columns n, n + 1, each broadcast to both halves.
 template <int BITS>
 __device__ __forceinline__ void group_params(const QMatrix& w, int g, int n, half2 (&scale)[2], half2 (&zero)[2]) {
@@ -101,11 +107,11 @@ __device__ __forceinline__ void group_params(const QMatrix& w, int g, int n, hal
 }
 
 // The packed words of one chunk for columns n, n + 1 (streamed: read once, kept out of the way in L2).
-__device__ __forceinline__ void load_chunk(const QMatrix& w, int4 ch, int n, bool live, uint2 (&q)[MAX_WORDS]) {
+__device__ __forceinline__ void load_chunk(const QMatrix& w, int4 ch, int n, uint2 (&q)[MAX_WORDS]) {
     const int words = (ch.y & 0xFF) * (ch.y >> 8) / 32;
 #pragma unroll
     for (int j = 0; j < MAX_WORDS; j++)
-        if (live && j < words) q[j] = __ldcs(reinterpret_cast<const uint2*>(w.q_weight + (size_t)(ch.x + j) * w.N + n));
+        if (j < words) q[j] = __ldcs(reinterpret_cast<const uint2*>(w.q_weight + (size_t)(ch.x + j) * w.N + n));
 }
 
 // Each lane's share of one chunk: acc[m][c] += x[m] . W[column n + c] over the chunk's rows, multiplied in half2.
@@ -119,8 +125,7 @@ __device__ __forceinline__ void dot_chunk(const QMatrix& w, int g, int n, const 
 #pragma unroll
     for (int m = 0; m < MAXM; m++) h[m][0] = h[m][1] = __float2half2_rn(0.f);
     for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1) {
-        const half2 w0 = __hmul2(__hsub2(as_half2(raw0), zero[0]), scale[0]);
-        const half2 w1 = __hmul2(__hsub2(as_half2(raw1), zero[1]), scale[1]);
+        const half2 w0 = weights(raw0, zero[0], scale[0]), w1 = weights(raw1, zero[1], scale[1]);
 #pragma unroll
         for (int m = 0; m < MAXM; m++) {
             if (m < M) {
@@ -136,17 +141,18 @@ __device__ __forceinline__ void dot_chunk(const QMatrix& w, int g, int n, const 
         for (int c = 0; c < 2; c++) acc[m][c] += __low2float(h[m][c]) + __high2float(h[m][c]);
 }
 
-template <int MAXM>
-__device__ __forceinline__ void dot_any(const QMatrix& w, int4 ch, int n, const uint2 (&q)[MAX_WORDS], const half2* xs,
-                                        int xs_stride, int M, float (&acc)[MAXM][2]) {
+// f(bits, rows) with both as compile-time constants (std::integral_constant), for the chunk entry's width.
+template <typename F>
+__device__ __forceinline__ void with_layout(int4 ch, F&& f) {
+    using std::integral_constant;
     const bool full = (ch.y >> 8) == 32;
     switch (ch.y & 0xFF) {
-        case 8: full ? dot_chunk<8, 32>(w, ch.z, n, q, xs, xs_stride, M, acc) : dot_chunk<8, 16>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
-        case 6: full ? dot_chunk<6, 32>(w, ch.z, n, q, xs, xs_stride, M, acc) : dot_chunk<6, 16>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
-        case 5: dot_chunk<5, 32>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
-        case 4: full ? dot_chunk<4, 32>(w, ch.z, n, q, xs, xs_stride, M, acc) : dot_chunk<4, 16>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
-        case 3: dot_chunk<3, 32>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
-        case 2: full ? dot_chunk<2, 32>(w, ch.z, n, q, xs, xs_stride, M, acc) : dot_chunk<2, 16>(w, ch.z, n, q, xs, xs_stride, M, acc); break;
+        case 8: full ? f(integral_constant<int, 8>{}, integral_constant<int, 32>{}) : f(integral_constant<int, 8>{}, integral_constant<int, 16>{}); break;
+        case 6: full ? f(integral_constant<int, 6>{}, integral_constant<int, 32>{}) : f(integral_constant<int, 6>{}, integral_constant<int, 16>{}); break;
+        case 5: f(integral_constant<int, 5>{}, integral_constant<int, 32>{}); break;
+        case 4: full ? f(integral_constant<int, 4>{}, integral_constant<int, 32>{}) : f(integral_constant<int, 4>{}, integral_constant<int, 16>{}); break;
+        case 3: f(integral_constant<int, 3>{}, integral_constant<int, 32>{}); break;
+        case 2: full ? f(integral_constant<int, 2>{}, integral_constant<int, 32>{}) : f(integral_constant<int, 2>{}, integral_constant<int, 16>{}); break;
     }
 }
 
@@ -168,8 +174,8 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     const QMatrix& w = b.m[mi];
     const int splits = b.plan.splits[mi], local = item - b.plan.first_item[mi];
     const int tile = local / splits, split = local % splits;
-    const int n = tile * QM_TILE + lane * 2;
-    const bool live = n < w.N;  // N is a multiple of 8: both columns or neither
+    const bool live = tile * QM_TILE + lane * 2 < w.N;  // N is a multiple of 8: both columns or neither
+    const int n = live ? tile * QM_TILE + lane * 2 : 0;  // lanes past the end read column 0, write nothing
     const int per = (w.n_chunks + splits - 1) / splits, c0 = split * per, count = min(per, w.n_chunks - c0);
 
     // The item's chunk entries, one per lane, and its x in decode order, gathered once through pair_rows: all
@@ -195,11 +201,13 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     // The next chunk's loads are issued before this one is decoded.
     uint2 q[MAX_WORDS], next[MAX_WORDS];
     int4 ch = first;
-    load_chunk(w, ch, n, live, q);
+    load_chunk(w, ch, n, q);
     for (int c = 0; c < count; c++) {
         const int4 ch_next = shfl(mine, min(c + 1, count - 1));
-        if (c + 1 < count) load_chunk(w, ch_next, n, live, next);
-        dot_any<MAXM>(w, ch, n, q, xs + ch.w - pair0, XS, M, acc);
+        if (c + 1 < count) load_chunk(w, ch_next, n, next);
+        with_layout(ch, [&](auto bits, auto rows) {
+            dot_chunk<bits.value, rows.value, MAXM>(w, ch.z, n, q, xs + ch.w - pair0, XS, M, acc);
+        });
 #pragma unroll
         for (int j = 0; j < MAX_WORDS; j++) q[j] = next[j];
         ch = ch_next;
@@ -223,6 +231,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     if (lane == 0) done = atomicAdd(counter, 1);
     done = __shfl_sync(0xFFFFFFFFu, done, 0);
     if (done != splits - 1) return;
+    __syncwarp();
     __threadfence();  // the last slice in: every other slice's sums are visible now
     if (live)
         for (int m = 0; m < M; m++) {
@@ -242,12 +251,11 @@ template <int BITS, int ROWS>
 __device__ __forceinline__ void dequantize_chunk(const QMatrix& w, int4 ch, int n, half* __restrict__ w_t, int n0,
                                                  int cols) {
     uint2 q[MAX_WORDS];
-    load_chunk(w, ch, n, true, q);
+    load_chunk(w, ch, n, q);
     half2 scale[2], zero[2];
     group_params<BITS>(w, ch.z, n, scale, zero);
     for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1) {
-        const half2 w0 = __hmul2(__hsub2(as_half2(raw0), zero[0]), scale[0]);
-        const half2 w1 = __hmul2(__hsub2(as_half2(raw1), zero[1]), scale[1]);
+        const half2 w0 = weights(raw0, zero[0], scale[0]), w1 = weights(raw1, zero[1], scale[1]);
         const uint32_t r = __ldg(w.pair_rows + ch.w + p);
         *reinterpret_cast<half2*>(w_t + (size_t)(r & 0xFFFF) * cols + n - n0) = __lows2half2(w0, w1);
         *reinterpret_cast<half2*>(w_t + (size_t)(r >> 16) * cols + n - n0) = __highs2half2(w0, w1);
@@ -259,15 +267,7 @@ __global__ void __launch_bounds__(WARPS * 32) dequantize_kernel(QMatrix w, half*
     const int n = n0 + blockIdx.x * QM_TILE + threadIdx.x % 32 * 2;
     if (c >= w.n_chunks || n >= n0 + cols) return;
     const int4 ch = __ldg(w.chunks + c);
-    const bool full = (ch.y >> 8) == 32;
-    switch (ch.y & 0xFF) {
-        case 8: full ? dequantize_chunk<8, 32>(w, ch, n, w_t, n0, cols) : dequantize_chunk<8, 16>(w, ch, n, w_t, n0, cols); break;
-        case 6: full ? dequantize_chunk<6, 32>(w, ch, n, w_t, n0, cols) : dequantize_chunk<6, 16>(w, ch, n, w_t, n0, cols); break;
-        case 5: dequantize_chunk<5, 32>(w, ch, n, w_t, n0, cols); break;
-        case 4: full ? dequantize_chunk<4, 32>(w, ch, n, w_t, n0, cols) : dequantize_chunk<4, 16>(w, ch, n, w_t, n0, cols); break;
-        case 3: dequantize_chunk<3, 32>(w, ch, n, w_t, n0, cols); break;
-        case 2: full ? dequantize_chunk<2, 32>(w, ch, n, w_t, n0, cols) : dequantize_chunk<2, 16>(w, ch, n, w_t, n0, cols); break;
-    }
+    with_layout(ch, [&](auto bits, auto rows) { dequantize_chunk<bits.value, rows.value>(w, ch, n, w_t, n0, cols); });
 }
 
 template <int MAXM>

@@ -38,7 +38,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     acc = torch.zeros(rows * bits // 32 + 1, n, dtype=torch.int64, device=codes.device)
     acc.index_add_(0, word, (c << shift) & 0xFFFFFFFF)
     acc.index_add_(0, word + 1, c >> (32 - shift))  # the part that spills into the next word (0 if none)
-    return _as_int32(acc[:-1])
+    return as_int32(acc[:-1])
 
 
 def unpack_bits(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def unpack_bits(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     return ((w[word] >> shift) | (w[word + 1] << (32 - shift))) & ((1 << bits) - 1)
 
 
-def _as_int32(x: torch.Tensor) -> torch.Tensor:
+def as_int32(x: torch.Tensor) -> torch.Tensor:
     """Low 32 bits of int64 values, reinterpreted as signed int32."""
     return (((x & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000).to(torch.int32)
 
@@ -79,7 +79,7 @@ class Exl2Linear:
         return {
             "q_weight": torch.cat(words),
             "q_groups": torch.tensor(groups, dtype=torch.int16),
-            "q_scale": _as_int32(nibbles.sum(-1)),
+            "q_scale": as_int32(nibbles.sum(-1)),
             "q_scale_max": self.scale_max.to(torch.float16),
             "q_invperm": torch.argsort(self.perm).to(torch.int32),
         }

@@ -12,11 +12,14 @@ neighbouring codes for 3, 5 and 6 bits. GPTQ's act order is turned into EXL2's: 
 the permutation in pair_rows.
 """
 
+from functools import cache
+
 import torch
 
 from exlcore.formats import exl2, gptq
 
 
+@cache
 def pair_order(bits: int, rows: int) -> list[tuple[int, int]]:
     """The rows (within a chunk of `rows` rows) of each pair of codes, in the order the kernel decodes them."""
     if 16 % bits == 0:
@@ -38,7 +41,7 @@ def tables(bits: list[int], rows: list[int], starts: list[int], perm: torch.Tens
         first += r
     index = perm.to(torch.int64)[torch.tensor(pairs, device=perm.device)]
     return (torch.tensor(chunks, dtype=torch.int32, device=perm.device),
-            exl2._as_int32(index[:, 0] | index[:, 1] << 16))
+            exl2.as_int32(index[:, 0] | index[:, 1] << 16))
 
 
 def supported(in_features: int) -> bool:
@@ -51,6 +54,7 @@ class QMatmul:
 
     def __init__(self, ext, q_weight: torch.Tensor, chunks: torch.Tensor, pair_rows: torch.Tensor,
                  scale_a: torch.Tensor, scale_b: torch.Tensor, out_features: int):
+        # One counter per column tile of QM_TILE (64) columns (csrc/qmatmul.cuh); the kernel leaves them at zero.
         counters = torch.zeros(-(-q_weight.shape[1] // 64), dtype=torch.int32, device=q_weight.device)
         self.ext, self.out_features = ext, out_features
         self.tensors = [q_weight.contiguous(), chunks, pair_rows, scale_a.contiguous(), scale_b.contiguous(), counters]
@@ -80,15 +84,11 @@ class QMatmul:
         return matmul([self], x)[0]
 
     def weight(self) -> torch.Tensor:
-        """W (out, in) fp16, dequantized by the kernel (for tests and the bf16 path)."""
+        """W (out, in) fp16, dequantized by the kernel (for tests)."""
         return self.ext.qm_weight(self.tensors).T[: self.out_features]
 
 
 def matmul(mats: list[QMatmul], x: torch.Tensor) -> list[torch.Tensor]:
-    """x @ W^T for several packed linears of one input, in one kernel launch for decode."""
-    if x.dtype != torch.float16:
-        # The kernels take fp16 activations; bf16 models (Gemma) would overflow there, so they multiply by a
-        # dequantized copy in their own dtype instead (correct, not fast).
-        return [x @ m.weight().T.to(x.dtype) for m in mats]
+    """x @ W^T for several packed linears of one input, in one kernel launch for fp16 decode."""
     ys = mats[0].ext.qm_matmul(x.reshape(-1, x.shape[-1]).contiguous(), [m.tensors for m in mats])
     return [y.view(*x.shape[:-1], -1)[..., : m.out_features] for m, y in zip(mats, ys)]
