@@ -29,11 +29,14 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
         return 130
     except MemoryError:
-        print("exl: error: out of memory; use a smaller model, --max-seq-len or --dtype float16", file=sys.stderr)
+        print("exl: error: out of memory; use a smaller model or shorter sequences", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file the command writes (disk full, permissions) after its checks passed
+        print(f"exl: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
-        print(f"exl: error: out of memory ({str(e).splitlines()[0]}); use a smaller model or --max-seq-len",
+        print(f"exl: error: out of memory ({str(e).splitlines()[0]}); use a smaller model or shorter sequences",
               file=sys.stderr)
         return 1

@@ -164,6 +164,9 @@ def test_bad_input_is_one_line_and_leaves_no_finished_folder(sources, tmp_path):
         (["-i", src, "-c", short], "tokens"),
         (["-i", src, "-hb", "7"], "-hb 7"),
         (["-i", tmp_path / "missing"], "no such model folder"),
+        (["-i", src, "-ra", "1e308"], "-ra 1e+308: must be a positive factor"),
+        (["-i", src, "--damping", "nan"], "the damping > 0"),
+        (["-i", src, "-om", blocker / "m.json"], "cannot write there"),
     ]
     for i, (args, message) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -173,6 +176,22 @@ def test_bad_input_is_one_line_and_leaves_no_finished_folder(sources, tmp_path):
         assert not (out / "config.json").exists()
     r = exl("convert", "-i", src, "-o", blocker / "out", *FAST)
     assert r.returncode == 1 and "cannot write" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = exl("convert", "-i", src, "-o", src, *FAST)
+    assert r.returncode == 1 and "must not be the source folder" in r.stderr, r.stderr
+    assert (src / "config.json").is_file() and not (src / "job").exists()
+
+
+def test_a_job_folder_without_its_state_file_is_not_trusted(tmp_path):
+    """A run killed before job.json was written (under an older exlcore) may leave a calibration file made
+    with other settings: a new job starts clean and records its settings first."""
+    from exlcore.conversion.job import Job
+
+    stale = tmp_path / "job" / "calibration.safetensors"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"rows of another run")
+    job = Job(tmp_path, {"rows": 10}, restart=False)
+    assert not stale.exists()
+    assert json.loads(job.path.read_text())["settings"] == {"rows": 10}
 
 
 @pytest.mark.cuda

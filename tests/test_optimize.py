@@ -54,3 +54,13 @@ def test_options_far_below_the_target_are_left_out():
 def test_unreachable_target_is_one_clear_error():
     with pytest.raises(ExlError, match="choose a target in that range"):
         choose([item("l", 1000, 1.0)], 9.0)
+
+
+def test_linears_that_cannot_reach_the_target_alone_still_get_a_choice():
+    """Small linears whose narrowest option (with its per-group overhead) is over the target: the others must
+    go below target - BELOW to pay for them."""
+    small = [Item(f"s{n}", 100, [round(b * 100) for b in (4.5, 5.0)], [1.0, 0.5]) for n in range(10)]
+    big = item("big", 1000, 1.0)
+    choice = choose(small + [big], 3.6)
+    assert total(small + [big], choice, "bits") <= 3.6 * 2000
+    assert BPW[choice[-1]] < 3.6 - BELOW

@@ -80,8 +80,21 @@ def _check(s: Settings):
         raise ExlError("-om (measure only) cannot be combined with -cf; run the conversion with -m afterwards")
     if s.measurement and s.output_measurement:
         raise ExlError("-m (reuse a measurement) and -om (make one) exclude each other")
-    if s.shard_size < 0 or s.damping <= 0:
+    if s.shard_size < 0 or not s.damping > 0:
         raise ExlError("-ss must be >= 0 (0: one file) and the damping > 0")
+    for flag, value in (("-rs", s.rope_scale), ("-ra", s.rope_alpha)):
+        if value is not None and not 0 < value <= 1000:
+            raise ExlError(f"{flag} {value}: must be a positive factor (at most 1000)")
+    if s.in_dir in (s.out_dir, s.compile_full):
+        raise ExlError(f"{s.in_dir}: -o and -cf must not be the source folder; choose another folder")
+    for flag, folder in (("-cf", s.compile_full), ("-om", s.output_measurement and str(Path(s.output_measurement).parent))):
+        if folder:
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                (Path(folder) / ".write-test").write_bytes(b"")
+                (Path(folder) / ".write-test").unlink()
+            except OSError as e:
+                raise ExlError(f"{flag} {folder}: cannot write there ({e.strerror}); choose a writable folder") from None
 
 
 def _rope_override(rope: RopeConfig, s: Settings, head_dim: int) -> RopeConfig:

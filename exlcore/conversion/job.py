@@ -42,7 +42,8 @@ class Job:
         self.path = self.dir / "job.json"
         try:
             work.mkdir(parents=True, exist_ok=True)
-            if restart and self.dir.exists():
+            # Without its state file a job folder is a start that was cut short: nothing in it is trusted.
+            if (restart or not self.path.is_file()) and self.dir.exists():
                 shutil.rmtree(self.dir)
             self.dir.mkdir(exist_ok=True)
             (self.dir / "layers").mkdir(exist_ok=True)
@@ -64,6 +65,8 @@ class Job:
                 raise ExlError(f"{work} holds a conversion with other settings ({diff}); rerun with the same "
                                "arguments to resume it, or add -nr to start over")
             self.state = old
+        else:
+            self.advance()  # before anything else is written into the job folder
 
     def __getitem__(self, key):
         return self.state[key]

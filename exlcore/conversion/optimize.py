@@ -44,9 +44,12 @@ def choose(items: list[Item], target: float) -> list[int]:
     check_target(items, target)
     budget = math.floor(target * sum(i.numel for i in items))
     allowed = []
-    for i in items:  # always keep the widest option within the target, so the budget stays reachable
+    for i in items:  # always keep the widest option within the target
         floor = min((target - BELOW) * i.numel, max((b for b in i.bits if b <= target * i.numel), default=0))
         allowed.append([o for o, b in enumerate(i.bits) if b >= floor])
+    if sum(min(i.bits[o] for o in a) for i, a in zip(items, allowed)) > budget:
+        # Linears that cannot reach the target on their own need the others' narrow options.
+        allowed = [list(range(len(i.bits))) for i in items]
 
     def pick(lam: float) -> list[int]:
         return [min(a, key=lambda o: (i.errors[o] + lam * i.bits[o], i.bits[o])) for i, a in zip(items, allowed)]
