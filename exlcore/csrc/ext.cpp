@@ -61,7 +61,7 @@ std::vector<torch::Tensor> qm_matmul(const torch::Tensor& x, const std::vector<s
         w.push_back(qmatrix(t));
         TORCH_CHECK(x.size(1) == w.back().K, "x has ", x.size(1), " columns, the matrix ", w.back().K, " rows");
         outs.push_back(torch::empty({M, w.back().N}, x.options()));
-        out_ptrs.push_back(reinterpret_cast<half*>(outs.back().data_ptr<at::Half>()));
+        out_ptrs.push_back(reinterpret_cast<half*>(outs.back().data_ptr()));  // read only on the fp16 path
     }
     auto stream = at::cuda::getCurrentCUDAStream();
     if (M <= QM_MAX_M && x.dtype() == torch::kHalf) {
