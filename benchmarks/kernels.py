@@ -4,8 +4,8 @@ time goes, and how close each quantized matmul comes to the bandwidth bound.
     python benchmarks/kernels.py
 
 Each kernel is captured 50 times into a CUDA graph and the graph replayed, so launch gaps are as in decode.
-GB/s counts the packed tensors each matmul reads (codes, scales, tables); the bound is the 3.0 TB/s copy
-bandwidth.
+GB/s counts the packed tensors each matmul reads (codes, scales, tables) and the visible keys and values
+attention reads; the bound is the 3.0 TB/s copy bandwidth.
 """
 
 import torch
@@ -57,12 +57,16 @@ def main():
             x = torch.randn(m, shapes[0][1], device="cuda", generator=gen).half()
             t = graph_time(lambda: matmul([mm for mm, _ in mats], x))
             print(f"| {name} | {m} | {t * 1e6:.1f} | {size / t / 1e9:.0f} | {size / t / COPY_BANDWIDTH:.0%} |", flush=True)
-    for kv_len, position in ((256, 200), (2048, 2000)):
-        qh = torch.randn(1, SHAPE["num_attention_heads"], d, device="cuda").half()
-        cache = torch.randn(2, 1, SHAPE["num_key_value_heads"], kv_len, d, device="cuda").half()
+    heads, kv_heads = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"]
+    counters = torch.zeros(heads, dtype=torch.int32, device="cuda")
+    for kv_len, position in ((256, 200), (2048, 2000), (8192, 8000)):
+        qh = torch.randn(1, heads, d, device="cuda").half()
+        cache = torch.randn(2, 1, kv_heads, kv_len, d, device="cuda").half()
         pos = torch.tensor([position], device="cuda")
-        t = graph_time(lambda: ext.decode_attention(qh, cache[0], cache[1], pos, kv_len, 0, d**-0.5, 0.0))
-        print(f"| decode attention, {position + 1} keys | 1 | {t * 1e6:.1f} | | |")
+        t = graph_time(lambda: ext.decode_attention(qh, cache[0], cache[1], pos, kv_len, 0, d**-0.5, 0.0, counters))
+        size = 2 * kv_heads * (position + 1) * d * 2  # the visible keys and values, fp16
+        print(f"| decode attention, {position + 1} keys | 1 | {t * 1e6:.1f} | {size / t / 1e9:.0f} | "
+              f"{size / t / COPY_BANDWIDTH:.0%} |")
     x = torch.randn(1, 1, h, device="cuda").half()
     w = torch.ones(h, device="cuda")
     print(f"| rms_norm | 1 | {graph_time(lambda: ext.rms_norm(x, w, 1e-5)) * 1e6:.1f} | | |")

@@ -15,8 +15,7 @@ from exlcore.ext import on
 from exlcore.rope import Rotary
 
 
-MAX_FUSED_KEYS = 8192
-MAX_FUSED_HEAD_DIM = 256
+MAX_FUSED_HEAD_DIM = 256  # and a multiple of 16 bytes: the decode kernel reads key rows in 16-byte pieces
 
 
 @dataclass
@@ -73,17 +72,15 @@ class Attention(nn.Module):
         v = v.view(B, T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary is not None:
-            q, k = self.rotary.apply(q, step.positions), self.rotary.apply(k, step.positions)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = self.rotate_and_store(q, k, v, step)
         if step.cache is not None:
-            k, v = step.cache.update(self.layer, k, v, step.positions[0], step.kv_len)
             ext = on(q)
-            # One fused kernel for the decode step's attention; it keeps the scores in shared memory (48 KB).
-            if T == 1 and ext is not None and step.kv_len <= MAX_FUSED_KEYS and self.head_dim <= MAX_FUSED_HEAD_DIM:
+            # One kernel for the decode step's attention, split over the keys.
+            fused = self.head_dim <= MAX_FUSED_HEAD_DIM and self.head_dim * q.element_size() % 16 == 0
+            if T == 1 and ext is not None and fused:
                 out = ext.decode_attention(q.reshape(B, self.heads, self.head_dim), step.cache.k[self.layer],
                                            step.cache.v[self.layer], step.positions[:, 0], step.kv_len,
-                                           self.window or 0, self.scale, self.softcap or 0.0)
+                                           self.window or 0, self.scale, self.softcap or 0.0, step.cache.counters)
                 return self.o(out.view(B, 1, self.heads * self.head_dim))
         sdpa = self.softcap is None and T > 1
         mask = step.mask(self.window, is_causal_available=sdpa)
@@ -93,6 +90,22 @@ class Attention(nn.Module):
         else:
             out = explicit_attention(q, k, v, mask, self.scale, self.softcap)
         return self.o(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+    def rotate_and_store(self, q, k, v, step: Step):
+        """q, k, v (B, T, heads, D) -> (B, heads, T, D) with q and k rotated; with a cache, k and v are written at
+        positions[0] and the first kv_len cached keys and values come back. On CUDA, one launch when there are
+        both rotary and a cache (in place on q)."""
+        cache, ext = step.cache, on(q)
+        if ext is not None and self.rotary is not None and cache is not None:
+            ext.rotary_cache_(q, k, v, self.rotary.cos, self.rotary.sin, step.positions, cache.k[self.layer],
+                              cache.v[self.layer])
+            return (q.transpose(1, 2), *cache.read(self.layer, step.kv_len))
+        if self.rotary is not None:
+            q, k = self.rotary.apply(q, step.positions), self.rotary.apply(k, step.positions)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, step.positions[0], step.kv_len)
+        return q, k, v
 
 
 def explicit_attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:

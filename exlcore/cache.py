@@ -4,11 +4,14 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+    def __init__(self, num_layers: int, batch: int, max_len: int, heads: int, kv_heads: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
         shape = (batch, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        # The decode attention kernel's per-head counters, which it leaves at zero (allocated here, once, so
+        # that CUDA graphs replay with the same ones).
+        self.counters = torch.zeros(batch * heads, device=device, dtype=torch.int32)
         self.max_len = max_len
         self.length = 0  # tokens already stored; the next forward writes from here
 
@@ -17,6 +20,10 @@ class KVCache:
         replay the write at a new position; return the first kv_len keys and values."""
         self.k[layer].index_copy_(2, slots, k)
         self.v[layer].index_copy_(2, slots, v)
+        return self.read(layer, kv_len)
+
+    def read(self, layer: int, kv_len: int):
+        """The first kv_len keys and values (B, H, kv_len, D) of a layer."""
         return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
 
     def truncate(self, length: int):

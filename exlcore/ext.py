@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ["ext.cpp", "qmatmul.cu", "fused.cu", "gptq.cu"]
+SOURCES = ["ext.cpp", "qmatmul.cu", "attention.cu", "fused.cu", "gptq.cu"]
 
 
 @cache

@@ -91,6 +91,15 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight).to(x.dtype)
 
+    def add_forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add before a norm: (x + h, norm(x + h)), the sum in x's dtype (rounded before the norm
+        reads it), the norm in h's. One launch on CUDA; x itself is left as it is."""
+        ext = on(x)
+        if ext is not None:
+            return ext.add_rms_norm(x.contiguous(), h.contiguous(), self.weight, self.eps)
+        x = x + h.to(x.dtype)
+        return x, self(x).to(h.dtype)
+
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x))."""

@@ -24,7 +24,7 @@ class Block(nn.Module):
     """Pre-norm residual block: x += mlp(norm(x + attn(norm(x)))). The optional post-norms make Gemma 2/3's
     sandwich form. Architectures with another block shape supply their own module with the same forward."""
 
-    def __init__(self, attn_norm: nn.Module, attn: Attention, mlp_norm: nn.Module, mlp: nn.Module,
+    def __init__(self, attn_norm: nn.Module, attn: Attention, mlp_norm: RMSNorm, mlp: nn.Module,
                  post_attn_norm: nn.Module | None = None, post_mlp_norm: nn.Module | None = None):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
@@ -34,8 +34,8 @@ class Block(nn.Module):
         h = self.attn(self.attn_norm(x).to(step.dtype), step)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + h.to(x.dtype)
-        h = self.mlp(self.mlp_norm(x).to(step.dtype))
+        x, h = self.mlp_norm.add_forward(x, h)  # a new x: the caller's (conversion reruns its states) stays intact
+        h = self.mlp(h)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + h.to(x.dtype)
@@ -88,4 +88,5 @@ class Model(nn.Module):
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         c = self.config
         max_len = max_len or c.max_position_embeddings
-        return KVCache(len(self.layers), batch, max_len, c.num_kv_heads, c.head_dim, self.device, self.dtype)
+        return KVCache(len(self.layers), batch, max_len, c.num_heads, c.num_kv_heads, c.head_dim, self.device,
+                       self.dtype)

@@ -166,6 +166,70 @@ def test_rotary(ext, dtype, dim):
     assert rel(got, expected) < TOL[dtype]
 
 
+SHAPES = [(1, 1), (3, 1), (1, 5), (3, 5)]  # (B, T): decode and prefill, one sequence and several
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T", SHAPES)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (4, 1, 256), (3, 3, 64)])
+def test_rotary_cache(ext, dtype, B, T, heads, kv_heads, dim):
+    """Rotary on q and k and the KV-cache write in one launch: the same bits as the launches it replaces
+    (rotary_ on q and k, index_copy_ of k and v), and the float64 reference within rounding. The rows of
+    positions differ: each rotates by its own, the slots are row 0's (KVCache.update's rule); every other
+    cache slot is left as it was."""
+    from exlcore.rope import RopeConfig, Rotary, apply_rotary
+
+    S = 300
+    g = torch.Generator().manual_seed(B * 100 + T * 10 + dim)
+    rotary = Rotary(RopeConfig(theta=10000.0), dim)
+    rotary.prepare(600, torch.device("cuda"))
+    positions = torch.cat([torch.randperm(S, generator=g)[None, :T], torch.randint(0, 600, (B - 1, T), generator=g)])
+    q = torch.randn(B, T, heads, dim, generator=g).to(dtype)
+    k, v = torch.randn(2, B, T, kv_heads, dim, generator=g).to(dtype)
+    caches = torch.randn(2, B, kv_heads, S, dim, generator=g).to(dtype)
+    q, k, v, caches, positions = q.cuda(), k.cuda(), v.cuda(), caches.cuda(), positions.cuda()
+
+    q_ref, k_ref, k_cache_ref, v_cache_ref = q.clone(), k.clone(), caches[0].clone(), caches[1].clone()
+    ext.rotary_(q_ref, rotary.cos, rotary.sin, positions)
+    ext.rotary_(k_ref, rotary.cos, rotary.sin, positions)
+    k_cache_ref.index_copy_(2, positions[0], k_ref.transpose(1, 2))
+    v_cache_ref.index_copy_(2, positions[0], v.transpose(1, 2))
+    q_in = q.clone()
+    ext.rotary_cache_(q, k, v, rotary.cos, rotary.sin, positions, caches[0], caches[1])
+    assert torch.equal(q, q_ref) and torch.equal(caches[0], k_cache_ref) and torch.equal(caches[1], v_cache_ref)
+
+    cos, sin = rotary.cos[positions][:, :, None].double(), rotary.sin[positions][:, :, None].double()
+    assert rel(q, apply_rotary(q_in.double(), cos, sin)) < TOL[dtype]
+    assert rel(caches[0][:, :, positions[0]], apply_rotary(k.double(), cos, sin).transpose(1, 2)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtypes", [(t, t) for t in DTYPES] + [(torch.float32, torch.float16),
+                                                                (torch.float32, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("B,T", SHAPES)
+@pytest.mark.parametrize("dim", [64, 576, 4096, 5000])
+def test_add_rms_norm(ext, dtypes, B, T, dim):
+    """RMSNorm.add_forward, x + h and the norm of the rounded sum in one launch (x fp32 under fp16/bf16 h is
+    Gemma's residual stream): the same bits as the add, rms_norm and .to it replaces, x left as it was, and
+    the CPU reference within rounding (its fp32 sum of squares runs in another order)."""
+    from exlcore.layers import RMSNorm
+
+    x_dtype, h_dtype = dtypes
+    g = torch.Generator().manual_seed(B * 10000 + T * 1000 + dim)
+    x = (torch.randn(B, T, dim, generator=g) * 3).to(x_dtype)
+    h = (torch.randn(B, T, dim, generator=g) * 3).to(h_dtype)
+    norm = RMSNorm("norm", dim, 1e-5)
+    norm.weight = torch.randn(dim, generator=g) + 1
+    ref_sum, ref_out = norm.add_forward(x, h)
+    x, h, norm.weight = x.cuda(), h.cuda(), norm.weight.cuda()
+    x_in = x.clone()
+    s, out = norm.add_forward(x, h)
+    assert s.dtype == x_dtype and out.dtype == h_dtype and torch.equal(x, x_in)
+
+    unfused = x + h.to(x_dtype)
+    assert torch.equal(s, unfused) and torch.equal(out, ext.rms_norm(unfused, norm.weight, 1e-5).to(h_dtype))
+    assert rel(s, ref_sum) < TOL[x_dtype] and rel(out, ref_out) < TOL[h_dtype]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", [0, 1])
 def test_act_mul(ext, dtype, act):
@@ -176,15 +240,20 @@ def test_act_mul(ext, dtype, act):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("heads,kv_heads,dim,window,softcap", [(4, 4, 64, 0, 0.0), (8, 2, 128, 0, 0.0),
-                                                              (9, 3, 64, 7, 0.0), (4, 2, 256, 0, 20.0)])
-def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap):
+@pytest.mark.parametrize("heads,kv_heads,dim,window,softcap,kv_len", [
+    (4, 4, 64, 0, 0.0, 256), (8, 2, 128, 0, 0.0, 1000), (9, 3, 64, 7, 0.0, 256), (4, 2, 256, 0, 20.0, 1000),
+    (8, 1, 128, 300, 0.0, 1000), (24, 2, 80, 0, 0.0, 100),
+])
+def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap, kv_len):
+    """Split over keys in blocks of 128 (kv_len 100 takes the one-block path), with splits that see no key,
+    windows that cross splits, and groups of query heads over 8 (taken in slices). Twice: the kernel must
+    leave its counters at zero."""
     from exlcore.attention import explicit_attention
 
-    B, S, kv_len = 3, 320, 256
+    B, S = 3, kv_len + 64
     q = torch.randn(B, heads, dim, dtype=dtype)
     k, v = torch.randn(B, kv_heads, S, dim, dtype=dtype), torch.randn(B, kv_heads, S, dim, dtype=dtype)
-    positions = torch.tensor([0, 100, 255])
+    positions = torch.tensor([0, kv_len // 2, kv_len - 1])
     j = torch.arange(kv_len)
     mask = j <= positions[:, None]
     if window:
@@ -192,8 +261,12 @@ def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap):
     scale = dim**-0.5
     expected = explicit_attention(q.double()[:, :, None], k[:, :, :kv_len].double(), v[:, :, :kv_len].double(),
                                   mask[:, None, None], scale, softcap or None)[:, :, 0]
-    got = ext.decode_attention(q.cuda(), k.cuda(), v.cuda(), positions.cuda(), kv_len, window, scale, softcap)
-    assert rel(got, expected) < TOL[dtype]
+    counters = torch.zeros(B * heads, dtype=torch.int32, device="cuda")
+    for _ in range(2):
+        got = ext.decode_attention(q.cuda(), k.cuda(), v.cuda(), positions.cuda(), kv_len, window, scale, softcap,
+                                   counters)
+        assert rel(got, expected) < TOL[dtype]
+        assert not counters.any()
 
 
 @pytest.mark.parametrize("option", ["4b_128g", "0.05:8b_32g/0.2:3b_64g/0.75:2b_64g", "0.3:6b_32g/0.7:5b_128g"])

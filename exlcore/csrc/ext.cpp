@@ -5,6 +5,7 @@
 
 #include <cuda_bf16.h>
 
+#include "attention.cuh"
 #include "fused.cuh"
 #include "gptq.cuh"
 #include "qmatmul.cuh"
@@ -120,6 +121,30 @@ torch::Tensor rms_norm_(const torch::Tensor& x, const torch::Tensor& w, double e
     return out;
 }
 
+// (x + h, rms_norm(x + h)): the sum in x's dtype, the norm in h's; x is h's dtype or fp32.
+std::vector<torch::Tensor> add_rms_norm_(const torch::Tensor& x, const torch::Tensor& h, const torch::Tensor& w,
+                                         double eps) {
+    TORCH_CHECK(x.is_contiguous() && h.is_contiguous() && x.sizes() == h.sizes() && w.dtype() == torch::kFloat &&
+                    w.is_contiguous() && w.numel() == x.size(-1),
+                "add_rms_norm: layout");
+    TORCH_CHECK(x.dtype() == h.dtype() || x.dtype() == torch::kFloat, "add_rms_norm: x is h's dtype or fp32");
+    const c10::cuda::CUDAGuard guard(x.device());
+    auto sum = torch::empty_like(x), out = torch::empty_like(h);
+    const int dim = (int)x.size(-1);
+    dispatch(h, [&](auto tag) {
+        using H = decltype(tag);
+        auto run = [&](auto residual) {
+            using R = decltype(residual);
+            check(add_rms_norm<R, H>(ptr<R>(x), ptr<H>(h), w.data_ptr<float>(), ptr<R>(sum), ptr<H>(out),
+                                     (int)(x.numel() / dim), dim, (float)eps, at::cuda::getCurrentCUDAStream()),
+                  "add_rms_norm");
+        };
+        if (x.dtype() == torch::kFloat) run(float{});
+        else run(H{});
+    });
+    return {sum, out};
+}
+
 // In place on x (B, T, heads, D), contiguous; positions (B, T) int64.
 void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions) {
     TORCH_CHECK(x.is_contiguous() && x.dim() == 4 && positions.is_contiguous() && cos.is_contiguous(), "rotary: layout");
@@ -129,6 +154,35 @@ void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& si
         check(rotary<T>(ptr<T>(x), cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
                         (int)(x.size(0) * x.size(1)), (int)x.size(2), (int)x.size(3), at::cuda::getCurrentCUDAStream()),
               "rotary");
+    });
+}
+
+// Writes q (B, T, H, D), rotated in place, and the caches (B, KVH, S, D): k (B, T, KVH, D) rotated and v at slots
+// positions[0]; positions (B, T) int64.
+void rotary_cache_(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& cos,
+                   const torch::Tensor& sin, const torch::Tensor& positions, const torch::Tensor& k_cache,
+                   const torch::Tensor& v_cache) {
+    for (const auto* t : {&q, &k, &v, &cos, &sin, &positions, &k_cache, &v_cache})
+        TORCH_CHECK(t->is_contiguous() && t->device() == q.device(), "rotary_cache: layout or device");
+    for (const auto* t : {&q, &k, &v, &k_cache, &v_cache})
+        TORCH_CHECK(t->dtype() == q.dtype() && t->dim() == 4, "rotary_cache: q, k, v and the caches 4-d, one dtype");
+    const int64_t B = q.size(0), len = q.size(1), D = q.size(3);
+    TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == len && k.size(3) == D && D % 2 == 0 &&
+                    k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == B && k_cache.size(1) == k.size(2) &&
+                    k_cache.size(3) == D,
+                "rotary_cache: q (B, T, H, D), k and v (B, T, KVH, D), caches (B, KVH, S, D), D even");
+    TORCH_CHECK(cos.dtype() == torch::kFloat && sin.dtype() == torch::kFloat && cos.dim() == 2 && cos.size(1) == D &&
+                    sin.sizes() == cos.sizes() && positions.dtype() == torch::kLong && positions.dim() == 2 &&
+                    positions.size(0) == B && positions.size(1) == len,
+                "rotary_cache: fp32 (positions, D) tables, (B, T) int64 positions");
+    const c10::cuda::CUDAGuard guard(q.device());
+    dispatch(q, [&](auto tag) {
+        using T = decltype(tag);
+        check(rotary_cache<T>(ptr<T>(q), ptr<T>(k), ptr<T>(v), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                              positions.data_ptr<int64_t>(), ptr<T>(k_cache), ptr<T>(v_cache), (int)B, (int)len,
+                              (int)q.size(2), (int)k.size(2), (int)k_cache.size(2), (int)D,
+                              at::cuda::getCurrentCUDAStream()),
+              "rotary_cache");
     });
 }
 
@@ -144,22 +198,31 @@ torch::Tensor act_mul_(const torch::Tensor& gate, const torch::Tensor& up, int64
     return out;
 }
 
-// q (B, H, D) one query per sequence; k, v (B, KVH, S, D) caches; positions (B,) int64.
+// q (B, H, D) one query per sequence; k, v (B, KVH, S, D) caches; positions (B,) int64; counters int32, zero,
+// at least B * H of them (left zero).
 torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& positions, int64_t kv_len, int64_t window, double scale,
-                                double softcap) {
+                                double softcap, const torch::Tensor& counters) {
     TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && positions.is_contiguous(),
                 "decode_attention: layout");
     TORCH_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype() && k.sizes() == v.sizes() && k.size(3) == q.size(2) &&
                     q.size(1) % k.size(1) == 0 && kv_len <= k.size(2) && positions.size(0) == q.size(0),
                 "decode_attention: q (B, H, D), k and v (B, KVH, S, D) with H a multiple of KVH, kv_len <= S");
+    const int B = (int)q.size(0), H = (int)q.size(1), KVH = (int)k.size(1), D = (int)q.size(2);
+    TORCH_CHECK(D <= DA_MAX_D && D * q.element_size() % 16 == 0, "decode_attention: head_dim up to ", DA_MAX_D,
+                ", a multiple of 16 bytes");
+    TORCH_CHECK(counters.is_cuda() && counters.dtype() == torch::kInt32 &&
+                    counters.numel() >= decode_attention_counters(B, H, KVH),
+                "decode_attention: counters, int32, B * H of them");
     const c10::cuda::CUDAGuard guard(q.device());
     auto out = torch::empty_like(q);
+    auto workspace = torch::empty({(int64_t)decode_attention_workspace(B, H, D, (int)kv_len)},
+                                  q.options().dtype(torch::kFloat));
     dispatch(q, [&](auto tag) {
         using T = decltype(tag);
-        check(decode_attention<T>(ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(out), positions.data_ptr<int64_t>(),
-                                  (int)q.size(0), (int)q.size(1), (int)k.size(1), (int)k.size(2), (int)q.size(2),
-                                  (int)kv_len, (int)window, (float)scale, (float)softcap,
+        check(decode_attention<T>(ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(out), positions.data_ptr<int64_t>(), B, H,
+                                  KVH, (int)k.size(2), D, (int)kv_len, (int)window, (float)scale, (float)softcap,
+                                  workspace.data_ptr<float>(), counters.data_ptr<int32_t>(),
                                   at::cuda::getCurrentCUDAStream()),
               "decode_attention");
     });
@@ -199,9 +262,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("qm_matmul", &qm_matmul, "x @ W^T for packed EXL2/GPTQ matrices sharing x");
     m.def("qm_weight", &qm_weight, "W^T (K, N) fp16 of a packed matrix, in input-channel order");
     m.def("rms_norm", &rms_norm_, "RMSNorm over the last dimension, fp32 math");
+    m.def("add_rms_norm", &add_rms_norm_, "(x + h, RMSNorm(x + h)): the residual add before a norm, one launch");
     m.def("rotary_", &rotary_, "rotary embedding in place, rotate-half layout");
+    m.def("rotary_cache_", &rotary_cache_, "rotary on q in place and on k into the KV cache beside v, one launch");
     m.def("act_mul", &act_mul_, "act(gate) * up; act 0 = SiLU, 1 = tanh GELU");
-    m.def("decode_attention", &decode_attention_, "single-query attention over a KV cache");
+    m.def("decode_attention", &decode_attention_, "single-query attention over a KV cache, split over keys");
     m.def("gptq_rows", &gptq_rows_, "GPTQ over a block of up to 32 rows, in place");
     m.def("scale_errors", &scale_errors_, "EXL2 scale search: summed |error|^3.5 per candidate scale");
 }

@@ -7,12 +7,12 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "launch.cuh"
 #include "qmatmul.cuh"
 
 namespace {
 
 constexpr int WARPS = 4;           // warps per block; each is an independent work item
-constexpr int ITEMS_PER_SM = 24;   // work items to aim for per SM: enough loads in flight to fill HBM
 constexpr int MIN_CHUNKS = 4;      // chunks per item at least: a split must pay for its partial sums
 constexpr int MAX_CHUNKS = 16;     // chunks per item at most: the item's x fits its shared memory
 constexpr int MAX_WORDS = 8;       // packed rows per chunk at most (32 rows of 8 bits)
@@ -25,11 +25,13 @@ struct Plan {
 
 int tiles_of(const QMatrix& w) { return (w.N + QM_TILE - 1) / QM_TILE; }
 
-Plan plan(const QMatrix* mats, int count, int sm_count) {
+// Cut the matrices' chunks into as many work items as the GPU holds at once (`resident`) where that can be
+// done, and never into more: a second, part-filled wave would leave most of the GPU idle.
+Plan plan(const QMatrix* mats, int count, int resident) {
     Plan p{};
     int tiles = 0;
     for (int i = 0; i < count; i++) tiles += tiles_of(mats[i]);
-    const int want = std::max(1, (sm_count * ITEMS_PER_SM + tiles - 1) / tiles);
+    const int want = std::max(1, resident / tiles);
     for (int i = 0; i < count; i++) {
         const int chunks = mats[i].n_chunks;
         const int s = std::max((chunks + MAX_CHUNKS - 1) / MAX_CHUNKS, std::min(want, chunks / MIN_CHUNKS));
@@ -114,6 +116,13 @@ __device__ __forceinline__ void load_chunk(const QMatrix& w, int4 ch, int n, uin
         if (j < words) q[j] = __ldcs(reinterpret_cast<const uint2*>(w.q_weight + (size_t)(ch.x + j) * w.N + n));
 }
 
+// The same words into L2 only.
+__device__ __forceinline__ void prefetch_chunk(const QMatrix& w, int4 ch, int n) {
+    const int words = (ch.y & 0xFF) * (ch.y >> 8) / 32;
+    for (int j = 0; j < words; j++)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(w.q_weight + (size_t)(ch.x + j) * w.N + n));
+}
+
 // Each lane's share of one chunk: acc[m][c] += x[m] . W[column n + c] over the chunk's rows, multiplied in half2.
 // xs holds the chunk's x in decode order, row m at xs[m * xs_stride].
 template <int BITS, int ROWS, int MAXM>
@@ -182,6 +191,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     // index loads in flight at once, then all x loads.
     const int4 mine = lane < count ? __ldg(w.chunks + c0 + lane) : make_int4(0, 0, 0, 0);
     const int4 first = shfl(mine, 0), last = shfl(mine, count - 1);
+    prefetch_chunk(w, first, n);  // weights are read before the kernel before has finished
+    dependency_wait();
+    dependents_start();
     const int pair0 = first.w, pairs = last.w + (last.y >> 9) - pair0;
     half2* xs = xs_all + warp * MAXM * XS;
     uint32_t r[XS / 32];
@@ -270,22 +282,40 @@ __global__ void __launch_bounds__(WARPS * 32) dequantize_kernel(QMatrix w, half*
     with_layout(ch, [&](auto bits, auto rows) { dequantize_chunk<bits.value, rows.value>(w, ch, n, w_t, n0, cols); });
 }
 
+// The decode kernel for up to MAXM rows of x, its shared memory, and the work items the GPU holds at once.
+struct Kernel {
+    void (*fn)(Batch, const half*, int);
+    int shared, resident;
+};
+
 template <int MAXM>
-cudaError_t launch(const Batch& b, const half* x, int M, cudaStream_t stream) {
-    const int items = b.plan.first_item[b.count];
-    const int shared = WARPS * MAXM * MAX_CHUNKS * 16 * sizeof(half2);
-    if (shared > 48 * 1024) {
-        const cudaError_t e = cudaFuncSetAttribute(gemv_kernel<MAXM>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+cudaError_t prepare(int sm_count, Kernel& k) {
+    k.fn = gemv_kernel<MAXM>;
+    k.shared = WARPS * MAXM * MAX_CHUNKS * 16 * sizeof(half2);
+    if (k.shared > 48 * 1024) {
+        const cudaError_t e = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.shared);
         if (e != cudaSuccess) return e;
     }
-    gemv_kernel<MAXM><<<(items + WARPS - 1) / WARPS, WARPS * 32, shared, stream>>>(b, x, M);
-    return cudaGetLastError();
+    int blocks = 0;
+    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k.fn, WARPS * 32, k.shared);
+    k.resident = sm_count * std::max(1, blocks) * WARPS;
+    return e;
+}
+
+cudaError_t kernel_for(int M, int sm_count, Kernel& k) {
+    if (M == 1) return prepare<1>(sm_count, k);
+    if (M == 2) return prepare<2>(sm_count, k);
+    if (M <= 4) return prepare<4>(sm_count, k);
+    if (M <= 8) return prepare<8>(sm_count, k);
+    return prepare<QM_MAX_M>(sm_count, k);
 }
 
 }  // namespace
 
 size_t qm_workspace(const QMatrix* mats, int count, int M, int sm_count) {
-    const Plan p = plan(mats, count, sm_count);
+    Kernel k{};
+    if (kernel_for(M, sm_count, k) != cudaSuccess) return 0;  // qm_gemv reports the error
+    const Plan p = plan(mats, count, k.resident);
     size_t floats = 0;
     for (int i = 0; i < count; i++)
         if (p.splits[i] > 1) floats += (size_t)p.splits[i] * M * mats[i].N;
@@ -294,9 +324,12 @@ size_t qm_workspace(const QMatrix* mats, int count, int M, int sm_count) {
 
 cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const half* x, int M, float* workspace,
                     int sm_count, cudaStream_t stream) {
+    Kernel k{};
+    const cudaError_t e = kernel_for(M, sm_count, k);
+    if (e != cudaSuccess) return e;
     Batch b{};
     b.count = count;
-    b.plan = plan(mats, count, sm_count);
+    b.plan = plan(mats, count, k.resident);
     for (int i = 0; i < count; i++) {
         b.m[i] = mats[i];
         b.out[i] = outs[i];
@@ -305,11 +338,7 @@ cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const hal
             workspace += (size_t)b.plan.splits[i] * M * mats[i].N;
         }
     }
-    if (M == 1) return launch<1>(b, x, M, stream);
-    if (M == 2) return launch<2>(b, x, M, stream);
-    if (M <= 4) return launch<4>(b, x, M, stream);
-    if (M <= 8) return launch<8>(b, x, M, stream);
-    return launch<QM_MAX_M>(b, x, M, stream);
+    return launch(k.fn, (b.plan.first_item[count] + WARPS - 1) / WARPS, WARPS * 32, k.shared, stream, b, x, M);
 }
 
 cudaError_t qm_dequantize(const QMatrix& w, half* w_t, int n0, int cols, cudaStream_t stream) {

@@ -6,7 +6,7 @@
 #include <cuda_runtime.h>
 
 constexpr int QM_MAX_M = 16;      // rows of x the decode kernel takes
-constexpr int QM_TILE = 64;       // output columns per work item (a warp, two columns per lane)
+constexpr int QM_TILE = 64;       // output columns per tile (a warp, two columns per lane)
 constexpr int QM_MAX_BATCH = 4;   // matrices sharing one input in one launch (q/k/v, gate/up)
 
 // One matrix W (N, K) stored as codes in chunks of 32 (or, at the end of an even-width group, 16) rows.
@@ -17,7 +17,7 @@ struct QMatrix {
     const uint32_t* scale_codes;  // EXL2: (G, N/8) 4-bit scale codes - 1 ...
     const half* scale_max;        // ... and (G,) q_scale_max
     const half2* scale_zero;      // GPTQ instead: (G, N) (scale, 1024 + zero point)
-    int* counters;                // (ceil(N / QM_TILE),) zero: slices finished per column tile
+    int* counters;                // (ceil(N / QM_TILE),) zero: shares of each column tile summed so far
     int K, N, n_chunks;
 };
 

@@ -1,0 +1,19 @@
+// Single-query attention over a KV cache (decode), split over the keys. T is half, __nv_bfloat16 or float.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+constexpr int DA_GROUP = 8;       // query heads per block (one KV head's group, in slices of this many)
+constexpr int DA_MAX_D = 256;     // head dimensions the kernel takes (a multiple of 16 bytes of T)
+
+// q, out (B, H, D); k, v caches (B, KVH, S, D) of which the first kv_len keys are read; key j is visible to
+// sequence b when j <= position[b] and (window == 0 or j > position[b] - window). workspace: the floats
+// decode_attention_workspace asks for; counters: decode_attention_counters ints, zero (left zero on return).
+template <typename T>
+cudaError_t decode_attention(const T* q, const T* k, const T* v, T* out, const int64_t* positions, int B, int H,
+                             int KVH, int S, int D, int kv_len, int window, float scale, float softcap,
+                             float* workspace, int* counters, cudaStream_t stream);
+
+size_t decode_attention_workspace(int B, int H, int D, int kv_len);
+int decode_attention_counters(int B, int H, int KVH);
