@@ -16,6 +16,7 @@ constexpr int WARPS = 4;           // warps per block; each is an independent wo
 constexpr int MIN_CHUNKS = 4;      // chunks per item at least: a split must pay for its partial sums
 constexpr int MAX_CHUNKS = 16;     // chunks per item at most: the item's x fits its shared memory
 constexpr int MAX_WORDS = 8;       // packed rows per chunk at most (32 rows of 8 bits)
+constexpr int PREFETCH_CHUNKS = 4; // chunks of each item brought into L2 while the kernel before finishes
 constexpr uint32_t MAGIC = 0x64006400u;  // two fp16 1024.0: a code in the low mantissa bits reads 1024 + code
 
 struct Plan {
@@ -187,18 +188,18 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     const int n = live ? tile * QM_TILE + lane * 2 : 0;  // lanes past the end read column 0, write nothing
     const int per = (w.n_chunks + splits - 1) / splits, c0 = split * per, count = min(per, w.n_chunks - c0);
 
-    // The item's chunk entries, one per lane, and its x in decode order, gathered once through pair_rows: all
-    // index loads in flight at once, then all x loads.
+    // While the kernel before finishes: the item's chunk entries (one per lane), the input channels of its pairs
+    // (all in flight at once) and its first chunks, into L2. Then x in decode order, gathered once.
     const int4 mine = lane < count ? __ldg(w.chunks + c0 + lane) : make_int4(0, 0, 0, 0);
     const int4 first = shfl(mine, 0), last = shfl(mine, count - 1);
-    prefetch_chunk(w, first, n);  // weights are read before the kernel before has finished
-    dependency_wait();
-    dependents_start();
     const int pair0 = first.w, pairs = last.w + (last.y >> 9) - pair0;
-    half2* xs = xs_all + warp * MAXM * XS;
     uint32_t r[XS / 32];
 #pragma unroll
     for (int i = 0; i < XS / 32; i++) r[i] = lane + 32 * i < pairs ? __ldg(w.pair_rows + pair0 + lane + 32 * i) : 0;
+    for (int c = 0; c < min(count, PREFETCH_CHUNKS); c++) prefetch_chunk(w, shfl(mine, c), n);
+    dependency_wait();
+    dependents_start();
+    half2* xs = xs_all + warp * MAXM * XS;
     for (int m = 0; m < M; m++) {
         const half* xm = x + (size_t)m * w.K;
 #pragma unroll
