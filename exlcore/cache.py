@@ -9,8 +9,8 @@ class KVCache:
         shape = (batch, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        # The decode attention kernel's per-head counters, which it leaves at zero (allocated here, once, so
-        # that CUDA graphs replay with the same ones).
+        # The decode attention kernel's counters (one per sequence, KV head and slice of 8 query heads, so at
+        # most batch * heads), which it leaves at zero; allocated here, once, so CUDA graphs replay the same ones.
         self.counters = torch.zeros(batch * heads, device=device, dtype=torch.int32)
         self.max_len = max_len
         self.length = 0  # tokens already stored; the next forward writes from here

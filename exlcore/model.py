@@ -22,7 +22,8 @@ def load_module(module: nn.Module, w: Weights, dtype: torch.dtype):
 
 class Block(nn.Module):
     """Pre-norm residual block: x += mlp(norm(x + attn(norm(x)))). The optional post-norms make Gemma 2/3's
-    sandwich form. Architectures with another block shape supply their own module with the same forward."""
+    sandwich form; mlp_norm is an RMSNorm, whose add_forward fuses the residual add before it. Architectures with
+    another block shape supply their own module with the same forward."""
 
     def __init__(self, attn_norm: nn.Module, attn: Attention, mlp_norm: RMSNorm, mlp: nn.Module,
                  post_attn_norm: nn.Module | None = None, post_mlp_norm: nn.Module | None = None):

@@ -242,12 +242,13 @@ def test_act_mul(ext, dtype, act):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads,kv_heads,dim,window,softcap,kv_len", [
     (4, 4, 64, 0, 0.0, 256), (8, 2, 128, 0, 0.0, 1000), (9, 3, 64, 7, 0.0, 256), (4, 2, 256, 0, 20.0, 1000),
-    (8, 1, 128, 300, 0.0, 1000), (24, 2, 80, 0, 0.0, 100),
+    (8, 1, 128, 300, 0.0, 1000), (24, 2, 80, 0, 0.0, 100), (4, 2, 64, 0, 0.0, 32), (8, 2, 128, 5, 0.0, 17),
+    (4, 4, 64, 0, 0.0, 1),
 ])
 def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap, kv_len):
-    """Split over keys in blocks of 128 (kv_len 100 takes the one-block path), with splits that see no key,
-    windows that cross splits, and groups of query heads over 8 (taken in slices). Twice: the kernel must
-    leave its counters at zero."""
+    """Split over keys in blocks of 32 to 512 keys (kv_len 32 or less: one block, which writes the output itself),
+    with splits that see no key, windows that cross splits, and groups of query heads over 8 (taken in slices).
+    Twice: the kernel must leave its counters at zero."""
     from exlcore.attention import explicit_attention
 
     B, S = 3, kv_len + 64

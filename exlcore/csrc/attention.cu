@@ -251,10 +251,9 @@ cudaError_t decode_attention(const T* q, const T* k, const T* v, T* out, const i
     const dim3 grid(splits_of(kv_len), decode_attention_counters(B, H, KVH));
     const size_t shared = (DA_GROUP * D + DA_GROUP * MAX_KEYS + WARPS * DA_GROUP * D) * sizeof(float);
     auto kernel = D <= 128 ? decode_attention_kernel<T, 128> : decode_attention_kernel<T, DA_MAX_D>;
-    if (shared > 48 * 1024) {
-        const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);
-        if (e != cudaSuccess) return e;
-    }
+    // Set every time, not only past 48 KB: the kernel's static shared memory counts towards that limit too.
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);
+    if (e != cudaSuccess) return e;
     return launch(kernel, grid, THREADS, shared, stream, q, k, v, out, positions, H, KVH, S, D, kv_len,
                   block_keys_of(kv_len), window, scale, softcap, workspace, counters);
 }

@@ -198,22 +198,24 @@ torch::Tensor act_mul_(const torch::Tensor& gate, const torch::Tensor& up, int64
     return out;
 }
 
-// q (B, H, D) one query per sequence; k, v (B, KVH, S, D) caches; positions (B,) int64; counters int32, zero,
-// at least B * H of them (left zero).
+// q (B, H, D) one query per sequence; k, v (B, KVH, S, D) caches; positions (B,) int64; counters int32, zero
+// (left zero), B * H of them at most needed.
 torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& positions, int64_t kv_len, int64_t window, double scale,
                                 double softcap, const torch::Tensor& counters) {
     TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && positions.is_contiguous(),
                 "decode_attention: layout");
-    TORCH_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype() && k.sizes() == v.sizes() && k.size(3) == q.size(2) &&
-                    q.size(1) % k.size(1) == 0 && kv_len <= k.size(2) && positions.size(0) == q.size(0),
-                "decode_attention: q (B, H, D), k and v (B, KVH, S, D) with H a multiple of KVH, kv_len <= S");
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.dtype() == q.dtype() && v.dtype() == q.dtype() &&
+                    k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(2) &&
+                    q.size(1) % k.size(1) == 0 && kv_len >= 1 && kv_len <= k.size(2) && positions.size(0) == q.size(0),
+                "decode_attention: q (B, H, D), k and v (B, KVH, S, D) with H a multiple of KVH, 1 <= kv_len <= S");
     const int B = (int)q.size(0), H = (int)q.size(1), KVH = (int)k.size(1), D = (int)q.size(2);
     TORCH_CHECK(D <= DA_MAX_D && D * q.element_size() % 16 == 0, "decode_attention: head_dim up to ", DA_MAX_D,
                 ", a multiple of 16 bytes");
-    TORCH_CHECK(counters.is_cuda() && counters.dtype() == torch::kInt32 &&
+    TORCH_CHECK(counters.device() == q.device() && k.device() == q.device() && v.device() == q.device() &&
+                    positions.device() == q.device() && counters.dtype() == torch::kInt32 &&
                     counters.numel() >= decode_attention_counters(B, H, KVH),
-                "decode_attention: counters, int32, B * H of them");
+                "decode_attention: tensors on one device, int32 counters (B * H of them suffice)");
     const c10::cuda::CUDAGuard guard(q.device());
     auto out = torch::empty_like(q);
     auto workspace = torch::empty({(int64_t)decode_attention_workspace(B, H, D, (int)kv_len)},

@@ -7,6 +7,10 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 __device__ __forceinline__ void dependency_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -19,12 +23,25 @@ __device__ __forceinline__ void dependents_start() {
 #endif
 }
 
+// Whether `kernel` runs the waits above on the current device: built from sm_90 code (an older PTX target, JIT-
+// compiled for a newer GPU, has them compiled out, and must then be launched in stream order). Cached.
+inline bool overlap_allowed(const void* kernel) {
+    static std::mutex mutex;
+    static std::map<std::pair<const void*, int>, bool> known;
+    int device = 0;
+    cudaGetDevice(&device);
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto key = std::make_pair(kernel, device);
+    const auto it = known.find(key);
+    if (it != known.end()) return it->second;
+    cudaFuncAttributes a{};
+    const bool ok = cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.ptxVersion >= 90 && a.binaryVersion >= 90;
+    return known[key] = ok;
+}
+
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
                    Args... args) {
-    int device = 0, major = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaLaunchAttribute overlap{};
     overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     overlap.val.programmaticStreamSerializationAllowed = 1;
@@ -34,6 +51,6 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shar
     config.dynamicSmemBytes = shared;
     config.stream = stream;
     config.attrs = &overlap;
-    config.numAttrs = major >= 9 ? 1 : 0;
+    config.numAttrs = overlap_allowed(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
     return cudaLaunchKernelEx(&config, kernel, args...);
 }

@@ -5,6 +5,8 @@
 // Slices of one column tile are summed by the last warp to finish (a counter per tile), in slice order, so
 // results do not depend on timing, and the output is written once, in fp16.
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "launch.cuh"
@@ -26,8 +28,8 @@ struct Plan {
 
 int tiles_of(const QMatrix& w) { return (w.N + QM_TILE - 1) / QM_TILE; }
 
-// Cut the matrices' chunks into as many work items as the GPU holds at once (`resident`) where that can be
-// done, and never into more: a second, part-filled wave would leave most of the GPU idle.
+// Cut the matrices' chunks into as many work items as the GPU holds at once (`resident`), never more unless
+// MAX_CHUNKS forces it (large matrices): a second, part-filled wave would leave most of the GPU idle.
 Plan plan(const QMatrix* mats, int count, int resident) {
     Plan p{};
     int tiles = 0;
@@ -289,18 +291,27 @@ struct Kernel {
     int shared, resident;
 };
 
+// Its shared memory set up and its blocks per SM measured once per device.
 template <int MAXM>
 cudaError_t prepare(int sm_count, Kernel& k) {
+    static std::mutex mutex;
+    static std::map<int, int> blocks_on;  // device -> blocks per SM
     k.fn = gemv_kernel<MAXM>;
     k.shared = WARPS * MAXM * MAX_CHUNKS * 16 * sizeof(half2);
-    if (k.shared > 48 * 1024) {
-        const cudaError_t e = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.shared);
+    int device = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto it = blocks_on.find(device);
+    if (it == blocks_on.end()) {
+        if (k.shared > 48 * 1024 && e == cudaSuccess)
+            e = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.shared);
+        int blocks = 0;
+        if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k.fn, WARPS * 32, k.shared);
         if (e != cudaSuccess) return e;
+        it = blocks_on.emplace(device, std::max(1, blocks)).first;
     }
-    int blocks = 0;
-    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k.fn, WARPS * 32, k.shared);
-    k.resident = sm_count * std::max(1, blocks) * WARPS;
-    return e;
+    k.resident = sm_count * it->second * WARPS;
+    return cudaSuccess;
 }
 
 cudaError_t kernel_for(int M, int sm_count, Kernel& k) {

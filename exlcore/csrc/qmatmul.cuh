@@ -17,7 +17,7 @@ struct QMatrix {
     const uint32_t* scale_codes;  // EXL2: (G, N/8) 4-bit scale codes - 1 ...
     const half* scale_max;        // ... and (G,) q_scale_max
     const half2* scale_zero;      // GPTQ instead: (G, N) (scale, 1024 + zero point)
-    int* counters;                // (ceil(N / QM_TILE),) zero: shares of each column tile summed so far
+    int* counters;                // (ceil(N / QM_TILE),) zero: slices of each column tile finished so far
     int K, N, n_chunks;
 };
 
