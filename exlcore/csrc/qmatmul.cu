@@ -15,7 +15,7 @@
 namespace {
 
 constexpr int WARPS = 4;           // warps per block; each is an independent work item
-constexpr int MIN_CHUNKS = 4;      // chunks per item at least: a split must pay for its partial sums
+constexpr int MIN_CHUNKS = 2;      // chunks per item at least: a split must pay for its partial sums
 constexpr int MAX_CHUNKS = 16;     // chunks per item at most: the item's x fits its shared memory
 constexpr int MAX_WORDS = 8;       // packed rows per chunk at most (32 rows of 8 bits)
 constexpr int PREFETCH_CHUNKS = 4; // chunks of each item brought into L2 while the kernel before finishes
