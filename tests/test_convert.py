@@ -176,6 +176,9 @@ def test_bad_input_is_one_line_and_leaves_no_finished_folder(sources, tmp_path):
         assert not (out / "config.json").exists()
     r = exl("convert", "-i", src, "-o", blocker / "out", *FAST)
     assert r.returncode == 1 and "cannot write" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = exl("convert", "-i", src, "-o", tmp_path / "long", *FAST, "-l", "512")  # the tiny model has 256 positions
+    assert r.returncode == 1 and "-l/-ml 512: longer than the model's context (256" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
     r = exl("convert", "-i", src, "-o", src, *FAST)
     assert r.returncode == 1 and "must not be the source folder" in r.stderr, r.stderr
     assert (src / "config.json").is_file() and not (src / "job").exists()

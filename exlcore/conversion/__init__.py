@@ -157,6 +157,10 @@ def convert(in_dir, out_dir, device=None, progress: bool = True, restart: bool =
     _check(s)
     src, work = Path(s.in_dir), Path(s.out_dir)
     raw, spec, cfg = read_model_config(src)
+    longest = max(s.length, s.measurement_length)
+    if longest > cfg.max_position_embeddings and s.rope_scale is None and s.rope_alpha is None:
+        raise ExlError(f"-l/-ml {longest}: longer than the model's context ({cfg.max_position_embeddings} positions, "
+                       "config.json max_position_embeddings); use at most that, or extend the context with -rs/-ra")
     device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg.rope = _rope_override(cfg.rope, s, cfg.head_dim)
     if cfg.rope_local is not None:
