@@ -249,11 +249,18 @@ cudaError_t decode_attention(const T* q, const T* k, const T* v, T* out, const i
                              int KVH, int S, int D, int kv_len, int window, float scale, float softcap,
                              float* workspace, int* counters, cudaStream_t stream) {
     const dim3 grid(splits_of(kv_len), decode_attention_counters(B, H, KVH));
-    const size_t shared = (DA_GROUP * D + DA_GROUP * MAX_KEYS + WARPS * DA_GROUP * D) * sizeof(float);
-    auto kernel = D <= 128 ? decode_attention_kernel<T, 128> : decode_attention_kernel<T, DA_MAX_D>;
-    // Set every time, not only past 48 KB: the kernel's static shared memory counts towards that limit too.
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);
-    if (e != cudaSuccess) return e;
+    auto shared_for = [](int d) {
+        return int((DA_GROUP * d + DA_GROUP * MAX_KEYS + WARPS * DA_GROUP * d) * sizeof(float));
+    };
+    const bool small = D <= 128;
+    auto kernel = small ? decode_attention_kernel<T, 128> : decode_attention_kernel<T, DA_MAX_D>;
+    // Allowed the most the kernel can ask for, even under 48 KB: its static shared memory counts there too.
+    const int e = once_per_device(reinterpret_cast<const void*>(kernel), [&] {
+        return int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        shared_for(small ? 128 : DA_MAX_D)));
+    });
+    if (e != cudaSuccess) return cudaError_t(e);
+    const size_t shared = shared_for(D);
     return launch(kernel, grid, THREADS, shared, stream, q, k, v, out, positions, H, KVH, S, D, kv_len,
                   block_keys_of(kv_len), window, scale, softcap, workspace, counters);
 }

@@ -23,20 +23,27 @@ __device__ __forceinline__ void dependents_start() {
 #endif
 }
 
-// Whether `kernel` runs the waits above on the current device: built from sm_90 code (an older PTX target, JIT-
-// compiled for a newer GPU, has them compiled out, and must then be launched in stream order). Cached.
-inline bool overlap_allowed(const void* kernel) {
+// compute() for `kernel` on the current device, run once per (kernel, device, kind of query) and kept: host
+// queries and settings (attributes, occupancy) that would otherwise cost every launch of a decode step.
+template <typename F>
+int once_per_device(const void* kernel, F&& compute) {
     static std::mutex mutex;
-    static std::map<std::pair<const void*, int>, bool> known;
+    static std::map<std::pair<const void*, int>, int> known;
     int device = 0;
     cudaGetDevice(&device);
     const std::lock_guard<std::mutex> lock(mutex);
     const auto key = std::make_pair(kernel, device);
     const auto it = known.find(key);
-    if (it != known.end()) return it->second;
-    cudaFuncAttributes a{};
-    const bool ok = cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.ptxVersion >= 90 && a.binaryVersion >= 90;
-    return known[key] = ok;
+    return it != known.end() ? it->second : known[key] = compute();
+}
+
+// Whether `kernel` runs the waits above on the current device: built from sm_90 code (an older PTX target, JIT-
+// compiled for a newer GPU, has them compiled out, and must then be launched in stream order).
+inline bool overlap_allowed(const void* kernel) {
+    return once_per_device(kernel, [&] {
+        cudaFuncAttributes a{};
+        return int(cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.ptxVersion >= 90 && a.binaryVersion >= 90);
+    });
 }
 
 template <typename... Params, typename... Args>

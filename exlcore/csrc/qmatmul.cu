@@ -5,8 +5,6 @@
 // Slices of one column tile are summed by the last warp to finish (a counter per tile), in slice order, so
 // results do not depend on timing, and the output is written once, in fp16.
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <type_traits>
 
 #include "launch.cuh"
@@ -291,26 +289,21 @@ struct Kernel {
     int shared, resident;
 };
 
-// Its shared memory set up and its blocks per SM measured once per device.
+// Its shared memory set up and its blocks per SM measured once per device (a CUDA error, negated, if that fails).
 template <int MAXM>
 cudaError_t prepare(int sm_count, Kernel& k) {
-    static std::mutex mutex;
-    static std::map<int, int> blocks_on;  // device -> blocks per SM
     k.fn = gemv_kernel<MAXM>;
     k.shared = WARPS * MAXM * MAX_CHUNKS * 16 * sizeof(half2);
-    int device = 0;
-    cudaError_t e = cudaGetDevice(&device);
-    const std::lock_guard<std::mutex> lock(mutex);
-    auto it = blocks_on.find(device);
-    if (it == blocks_on.end()) {
-        if (k.shared > 48 * 1024 && e == cudaSuccess)
-            e = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.shared);
-        int blocks = 0;
-        if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k.fn, WARPS * 32, k.shared);
-        if (e != cudaSuccess) return e;
-        it = blocks_on.emplace(device, std::max(1, blocks)).first;
-    }
-    k.resident = sm_count * it->second * WARPS;
+    const int blocks = once_per_device(reinterpret_cast<const void*>(k.fn), [&] {
+        cudaError_t e = k.shared > 48 * 1024
+                            ? cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.shared)
+                            : cudaSuccess;
+        int b = 0;
+        if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, k.fn, WARPS * 32, k.shared);
+        return e == cudaSuccess ? std::max(1, b) : -int(e);
+    });
+    if (blocks < 0) return cudaError_t(-blocks);
+    k.resident = sm_count * blocks * WARPS;
     return cudaSuccess;
 }
 
