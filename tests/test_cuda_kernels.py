@@ -71,6 +71,21 @@ def test_matrices_sharing_an_input_in_one_launch(ext, m):
             assert float((y.double().cpu() - expected).norm() / expected.norm()) < 2e-3
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_a_wide_matrix_beside_a_narrow_one(ext, m):
+    """So many column tiles that each is one work item over all of K (written straight out), in one launch with a
+    narrow matrix split over many slices; twice, for the counters."""
+    layouts = [[(8, 32), (6, 64), (5, 32), (4, 160), (2, 160)], [(4, 192), (3, 256)]]
+    lins = [random_linear(layout, n=n, seed=n) for layout, n in zip(layouts, [131072, 96])]  # K = 448 each
+    kernels = [QMatmul.exl2(ext, {s: v.cuda() for s, v in lin.pack().items()}, "layer", 448, lin.codes.shape[1])
+               for lin in lins]
+    x = torch.randn(m, 448, generator=torch.Generator().manual_seed(m)).half()
+    for _ in range(2):
+        for lin, y in zip(lins, matmul(kernels, x.cuda())):
+            expected = x.double() @ lin.dequantize().double().T
+            assert float((y.double().cpu() - expected).norm() / expected.norm()) < 2e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_in_column_slices_and_bf16(ext, dtype):
     """K x N over 2^23 weights: prefill dequantizes a slice of columns at a time; bf16 activations (which the

@@ -6,6 +6,7 @@
 // results do not depend on timing, and the output is written once, in fp16.
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "launch.cuh"
 #include "qmatmul.cuh"
@@ -51,60 +52,110 @@ struct Batch {
     int count;
 };
 
-// Bits BITS * i .. of the little-endian word stream `word(j)`, in the low bits (higher bits: garbage).
-template <int BITS, typename W>
-__device__ __forceinline__ uint32_t code_at(int i, W&& word) {
-    const int bit = BITS * i, j = bit / 32, s = bit % 32;
-    return s + BITS <= 32 ? word(j) >> s : __funnelshift_r(word(j), word(j + 1), s);
+// f(integral_constant<int, i>) for i = 0 .. N-1, unrolled, so each i is a compile-time constant.
+template <typename F, int... I>
+__device__ __forceinline__ void unrolled(F&& f, std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+__device__ __forceinline__ void unrolled(F&& f) {
+    unrolled(f, std::make_integer_sequence<int, N>{});
 }
 
-// The ROWS codes of one chunk column as ROWS/2 pairs, each as two fp16 (1024 + code): use(pair, raw bits)
-// for the two columns at once. Pair order (rows of each pair) is pair_rows in exlcore/formats/qmatrix.py.
+// The ROWS codes of one chunk column as ROWS/2 pairs, each as two fp16 1024 + (code << S): use(pair, raw bits for
+// the two columns, S). Word j's 16-bit halves each hold 16 / BITS codes at bits BITS * t, a pair (low half, high
+// half) each; 3, 5 and 6 bits as regrouped at load (exlcore/formats/qmatrix.py), which puts the last pairs in
+// the bits the halves leave over. A code masked in place within the 10 mantissa bits is exact (S = its
+// position), so one shift per word serves the codes above them.
 template <int BITS, int ROWS, typename F>
 __device__ __forceinline__ void for_pairs(const uint2* q, F&& use) {
     constexpr uint32_t MASK = ((1u << BITS) - 1) * 0x10001u;
-    if constexpr (16 % BITS == 0) {  // 2, 4, 8 bits: the codes 16 bits apart in a word form a pair
-        constexpr int PER_WORD = 16 / BITS;
+    constexpr int WORDS = ROWS * BITS / 32, PER_HALF = 16 / BITS, FIT = 10 / BITS;
 #pragma unroll
-        for (int j = 0; j < ROWS * BITS / 32; j++)
+    for (int j = 0; j < WORDS; j++) {
+        const uint32_t x = q[j].x, y = q[j].y, xh = x >> (BITS * FIT), yh = y >> (BITS * FIT);
+        unrolled<PER_HALF>([&](auto t) {
+            constexpr int S = BITS * (t < FIT ? t : t - FIT);
+            const uint32_t lo = t < FIT ? x : xh, hi = t < FIT ? y : yh;
+            use(j * PER_HALF + t, (lo & (MASK << S)) | MAGIC, (hi & (MASK << S)) | MAGIC, std::integral_constant<int, S>{});
+        });
+    }
+    if constexpr (BITS == 3 || BITS == 5) {  // the last pair: bit j in bit 15 of word j's halves
+        uint32_t x = MAGIC, y = MAGIC;
 #pragma unroll
-            for (int t = 0; t < PER_WORD; t++)
-                use(j * PER_WORD + t, ((q[j].x >> (BITS * t)) & MASK) | MAGIC, ((q[j].y >> (BITS * t)) & MASK) | MAGIC);
-    } else {  // 3, 5, 6 bits: neighbouring codes form a pair
-        auto x = [&](int j) { return q[j].x; };
-        auto y = [&](int j) { return q[j].y; };
+        for (int j = 0; j < BITS; j++) {
+            x |= (q[j].x >> (15 - j)) & (0x10001u << j);
+            y |= (q[j].y >> (15 - j)) & (0x10001u << j);
+        }
+        use(ROWS / 2 - 1, x, y, std::integral_constant<int, 0>{});
+    } else if constexpr (BITS == 6) {  // pair 2 * WORDS + k: its low 4 bits in bits 12..15 of word k's halves, its
+        constexpr int SPARE = 2 * WORDS / 3;  // high 2 bits in word SPARE + k / 2's, at bit 12 + 2 * (k % 2)
 #pragma unroll
-        for (int p = 0; p < ROWS / 2; p++)
-            use(p, (__byte_perm(code_at<BITS>(2 * p, x), code_at<BITS>(2 * p + 1, x), 0x5410) & MASK) | MAGIC,
-                (__byte_perm(code_at<BITS>(2 * p, y), code_at<BITS>(2 * p + 1, y), 0x5410) & MASK) | MAGIC);
+        for (int k = 0; k < SPARE; k++) {
+            const int up = 8 + 2 * (k % 2);
+            use(2 * WORDS + k, ((q[k].x >> 12) & 0x000F000Fu) | ((q[SPARE + k / 2].x >> up) & 0x00300030u) | MAGIC,
+                ((q[k].y >> 12) & 0x000F000Fu) | ((q[SPARE + k / 2].y >> up) & 0x00300030u) | MAGIC,
+                std::integral_constant<int, 0>{});
+        }
     }
 }
 
 __device__ __forceinline__ half2 as_half2(uint32_t bits) { return *reinterpret_cast<half2*>(&bits); }
 
-// Two raw codes (1024 + code) -> their weights, exactly as the reference: half(code - zero) * scale.
-__device__ __forceinline__ half2 weights(uint32_t raw, half2 zero, half2 scale) {
-    return __hmul2(__hsub2(as_half2(raw), zero), scale);
+// A group's raw parameters for columns n, n + 1: EXL2's scale-code word and q_scale_max, or GPTQ's two (scale,
+// 1024 + zero) pairs. Loaded with the chunk's codes, a chunk ahead of its math, so no load waits inside it.
+struct GroupRaw {
+    uint32_t a, b;
+};
+
+__device__ __forceinline__ GroupRaw load_group(const QMatrix& w, int g, int n) {
+    if (w.scale_codes != nullptr)
+        return {__ldg(w.scale_codes + (size_t)g * (w.N / 8) + n / 8), __half_as_ushort(__ldg(w.scale_max + g))};
+    const uint2 sz = __ldg(reinterpret_cast<const uint2*>(w.scale_zero + (size_t)g * w.N + n));
+    return {sz.x, sz.y};
 }
 
-// Scale and (1024 + zero point) of group g for columns n, n + 1, each broadcast to both halves.
+// One column's group parameters for weights(): the scale, and per code position S = BITS * i below the 10 mantissa
+// bits, the offset that centres 1024 + (code << S): 1024 + zero point for S = 0, -(1024 >> S) - zero point else.
 template <int BITS>
-__device__ __forceinline__ void group_params(const QMatrix& w, int g, int n, half2 (&scale)[2], half2 (&zero)[2]) {
-    if (w.scale_codes != nullptr) {
-        const uint32_t word = __ldg(w.scale_codes + (size_t)g * (w.N / 8) + n / 8);
-        const half unit = __hmul(__ldg(w.scale_max + g), __float2half(1.0f / 256));
+struct Centre {
+    half2 scale, offset[10 / BITS];
+};
+
+template <int BITS>
+__device__ __forceinline__ Centre<BITS> centre(half2 scale, half2 zero) {
+    Centre<BITS> c{scale, {zero}};
 #pragma unroll
-        for (int c = 0; c < 2; c++) {
-            const int code = ((word >> (4 * (n % 8 + c))) & 15) + 1;
-            scale[c] = __half2half2(__hmul(__int2half_rn(code * code), unit));
-            zero[c] = __half2half2(__int2half_rn(1024 + (1 << (BITS - 1))));
+    for (int i = 1; i < 10 / BITS; i++)
+        c.offset[i] = __hsub2(__float2half2_rn(float(1024 - (1024 >> (BITS * i)))), zero);
+    return c;
+}
+
+// Two raw codes 1024 + (code << S) -> their weights, exactly as the reference: half(code - zero) * scale (for S > 0
+// the code is scaled down by 2^S, an exact power of two, and centred in one fma).
+template <int BITS, int S>
+__device__ __forceinline__ half2 weights(uint32_t raw, const Centre<BITS>& c) {
+    if constexpr (S == 0) return __hmul2(__hsub2(as_half2(raw), c.offset[0]), c.scale);
+    constexpr uint32_t DOWN = (15u - S) << 10 | (15u - S) << 26;  // fp16 2^-S in both halves
+    return __hmul2(__hfma2(as_half2(raw), as_half2(DOWN), c.offset[S / BITS]), c.scale);
+}
+
+// The group's parameters for columns n, n + 1, scale and zero point each broadcast to both halves.
+template <int BITS>
+__device__ __forceinline__ void group_params(const QMatrix& w, GroupRaw raw, int n, Centre<BITS> (&c)[2]) {
+    if (w.scale_codes != nullptr) {
+        const half unit = __hmul(__ushort_as_half(raw.b), __float2half(1.0f / 256));
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int code = ((raw.a >> (4 * (n % 8 + i))) & 15) + 1;
+            c[i] = centre<BITS>(__half2half2(__hmul(__int2half_rn(code * code), unit)),
+                                __half2half2(__int2half_rn(1024 + (1 << (BITS - 1)))));
         }
     } else {
 #pragma unroll
-        for (int c = 0; c < 2; c++) {
-            const half2 sz = __ldg(w.scale_zero + (size_t)g * w.N + n + c);
-            scale[c] = __low2half2(sz);
-            zero[c] = __high2half2(sz);
+        for (int i = 0; i < 2; i++) {
+            const half2 sz = as_half2(i == 0 ? raw.a : raw.b);
+            c[i] = centre<BITS>(__low2half2(sz), __high2half2(sz));
         }
     }
 }
@@ -127,15 +178,15 @@ __device__ __forceinline__ void prefetch_chunk(const QMatrix& w, int4 ch, int n)
 // Each lane's share of one chunk: acc[m][c] += x[m] . W[column n + c] over the chunk's rows, multiplied in half2.
 // xs holds the chunk's x in decode order, row m at xs[m * xs_stride].
 template <int BITS, int ROWS, int MAXM>
-__device__ __forceinline__ void dot_chunk(const QMatrix& w, int g, int n, const uint2 (&q)[MAX_WORDS],
+__device__ __forceinline__ void dot_chunk(const QMatrix& w, GroupRaw g, int n, const uint2 (&q)[MAX_WORDS],
                                           const half2* xs, int xs_stride, int M, float (&acc)[MAXM][2]) {
-    half2 scale[2], zero[2];
-    group_params<BITS>(w, g, n, scale, zero);
+    Centre<BITS> c[2];
+    group_params<BITS>(w, g, n, c);
     half2 h[MAXM][2];
 #pragma unroll
     for (int m = 0; m < MAXM; m++) h[m][0] = h[m][1] = __float2half2_rn(0.f);
-    for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1) {
-        const half2 w0 = weights(raw0, zero[0], scale[0]), w1 = weights(raw1, zero[1], scale[1]);
+    for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1, auto S) {
+        const half2 w0 = weights<BITS, S>(raw0, c[0]), w1 = weights<BITS, S>(raw1, c[1]);
 #pragma unroll
         for (int m = 0; m < MAXM; m++) {
             if (m < M) {
@@ -215,15 +266,20 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     uint2 q[MAX_WORDS], next[MAX_WORDS];
     int4 ch = first;
     load_chunk(w, ch, n, q);
+    GroupRaw g = load_group(w, ch.z, n), g_next = g;
     for (int c = 0; c < count; c++) {
         const int4 ch_next = shfl(mine, min(c + 1, count - 1));
-        if (c + 1 < count) load_chunk(w, ch_next, n, next);
+        if (c + 1 < count) {
+            load_chunk(w, ch_next, n, next);
+            g_next = load_group(w, ch_next.z, n);
+        }
         with_layout(ch, [&](auto bits, auto rows) {
-            dot_chunk<bits.value, rows.value, MAXM>(w, ch.z, n, q, xs + ch.w - pair0, XS, M, acc);
+            dot_chunk<bits.value, rows.value, MAXM>(w, g, n, q, xs + ch.w - pair0, XS, M, acc);
         });
 #pragma unroll
         for (int j = 0; j < MAX_WORDS; j++) q[j] = next[j];
         ch = ch_next;
+        g = g_next;
     }
 
     half* out = b.out[mi];
@@ -265,10 +321,10 @@ __device__ __forceinline__ void dequantize_chunk(const QMatrix& w, int4 ch, int 
                                                  int cols) {
     uint2 q[MAX_WORDS];
     load_chunk(w, ch, n, q);
-    half2 scale[2], zero[2];
-    group_params<BITS>(w, ch.z, n, scale, zero);
-    for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1) {
-        const half2 w0 = weights(raw0, zero[0], scale[0]), w1 = weights(raw1, zero[1], scale[1]);
+    Centre<BITS> c[2];
+    group_params<BITS>(w, load_group(w, ch.z, n), n, c);
+    for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1, auto S) {
+        const half2 w0 = weights<BITS, S>(raw0, c[0]), w1 = weights<BITS, S>(raw1, c[1]);
         const uint32_t r = __ldg(w.pair_rows + ch.w + p);
         *reinterpret_cast<half2*>(w_t + (size_t)(r & 0xFFFF) * cols + n - n0) = __lows2half2(w0, w1);
         *reinterpret_cast<half2*>(w_t + (size_t)(r >> 16) * cols + n - n0) = __highs2half2(w0, w1);
