@@ -8,8 +8,8 @@ whose length is not a multiple of 32), described by two tables built here:
     pair_rows  int32 (K/2,)  the input channels (lo | hi << 16) of each pair of codes the kernel decodes together
 
 A pair is two codes 16 bits apart in one word, so one mask gives both as fp16: as stored for 2, 4 and 8 bits,
-and for 3, 5 and 6 bits once each chunk's words are regrouped at load (`regrouped`; walking the stored stream
-costs the kernel about twice the bit operations). GPTQ's act order is turned
+and for 3, 5 and 6 bits once `regroup` has rearranged each chunk's words (QMatmul.exl2 does it, in place, at
+load; walking the stored stream cost the kernel about twice the bit operations). GPTQ's act order is turned
 into EXL2's: rows sorted by group, with the permutation in pair_rows.
 """
 
@@ -45,22 +45,21 @@ def tables(bits: list[int], rows: list[int], starts: list[int], perm: torch.Tens
             exl2.as_int32(index[:, 0] | index[:, 1] << 16))
 
 
-def regrouped(q_weight: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
-    """q_weight with the words of each 3-, 5- and 6-bit chunk rearranged as the kernel reads them (for_pairs in
-    csrc/qmatmul.cu). Pair p is codes (2p, 2p + 1); word j's low and high 16-bit halves hold pair j * (16 // bits)
+def regroup(q: torch.Tensor, chunks: torch.Tensor):
+    """Rearrange, in place, the words of each 3-, 5- and 6-bit chunk of q_weight as the kernel reads them (for_pairs
+    in csrc/qmatmul.cu). Pair p is codes (2p, 2p + 1); word j's low and high 16-bit halves hold pair j * (16 // bits)
     + t at bit bits * t, and the pairs left over go in the bits the halves leave free: for 3 and 5 bits, bit 15 of
     word j's halves holds bit j of the last pair; for 6 bits, spare pair k has its low 4 bits at bit 12 of word
     k's halves and its high 2 bits at bit 12 + 2 * (k % 2) of word 2 * words / 3 + k // 2's."""
-    q = q_weight.clone()
     for bits, rows in ((3, 32), (5, 32), (6, 16), (6, 32)):
         first = chunks[chunks[:, 1] == bits | rows << 8, 0].to(torch.int64)
         n_words = rows * bits // 32
         per_half = 16 // bits
         regular = n_words * per_half
-        for part in first.split(max(1, (1 << 24) // (rows * q.shape[1]))):  # at most 2^24 codes at a time
+        for part in first.split(max(1, (1 << 22) // (rows * q.shape[1]))):  # at most 2^22 codes at a time
             # word j of every chunk, j-major
             index = (part[:, None] + torch.arange(n_words, device=q.device)).T.flatten()
-            codes = exl2.unpack_bits(q_weight[index].view(n_words, -1), bits, rows)  # (rows, chunks * N)
+            codes = exl2.unpack_bits(q[index].view(n_words, -1), bits, rows)  # (rows, chunks * N)
             words = torch.zeros(n_words, codes.shape[1], dtype=torch.int64, device=q.device)
             for p in range(regular):
                 j, t = divmod(p, per_half)
@@ -75,7 +74,6 @@ def regrouped(q_weight: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
                     words[k] |= (lo & 15) << 12 | (hi & 15) << 28
                     words[spare + k // 2] |= (lo >> 4) << 12 + 2 * (k % 2) | (hi >> 4) << 28 + 2 * (k % 2)
             q[index] = exl2.as_int32(words).view(-1, q.shape[1])
-    return q
 
 
 def supported(in_features: int) -> bool:
@@ -97,8 +95,9 @@ class QMatmul:
     def exl2(cls, ext, tensors: dict[str, torch.Tensor], key: str, in_features: int, out_features: int):
         bits, rows, starts = exl2.layout(tensors, key, in_features)
         chunks, pair_rows = tables(bits, rows, starts, torch.argsort(tensors["q_invperm"].to(torch.int64)))
-        return cls(ext, regrouped(tensors["q_weight"], chunks), chunks, pair_rows, tensors["q_scale"],
-                   tensors["q_scale_max"].half(), out_features)
+        regroup(tensors["q_weight"], chunks)
+        return cls(ext, tensors["q_weight"], chunks, pair_rows, tensors["q_scale"], tensors["q_scale_max"].half(),
+                   out_features)
 
     @classmethod
     def gptq(cls, ext, tensors: dict[str, torch.Tensor], key: str, in_features: int, out_features: int, v2: bool):
