@@ -20,6 +20,7 @@ class RopeConfig:
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
     attention_factor: float | None = None  # yarn
+    position_scale: float = 1.0  # positions divided by this on top of the type's own scaling (exl convert -rs)
 
 
 KNOWN_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -58,14 +59,14 @@ def inv_frequencies(cfg: RopeConfig, dim: int, seq_len: int = 0) -> tuple[torch.
         # NTK-aware: grow the base once the sequence outruns the trained context.
         ratio = cfg.factor * seq_len / cfg.original_max_position - (cfg.factor - 1)
         base = base * ratio ** (dim / (dim - 2))
-    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    inv, attn = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim), 1.0
     if cfg.type == "linear":
-        return inv / cfg.factor, 1.0
-    if cfg.type == "llama3":
-        return _llama3(inv, cfg), 1.0
-    if cfg.type == "yarn":
-        return _yarn(inv, cfg, dim)
-    return inv, 1.0
+        inv = inv / cfg.factor
+    elif cfg.type == "llama3":
+        inv = _llama3(inv, cfg)
+    elif cfg.type == "yarn":
+        inv, attn = _yarn(inv, cfg, dim)
+    return inv / cfg.position_scale, attn
 
 
 def _llama3(inv: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:

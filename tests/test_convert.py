@@ -1,6 +1,7 @@
 """`exl convert` on the CPU: tiny random models of each architecture become EXL2 folders that load and stay
 close to their source; measurement reuse, resuming after SIGKILL and bad input behave as the issue says."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 import exlcore
+from exlcore.conversion import Settings, _rope_override
 from exlcore.evaluate import evaluate
+from exlcore.rope import inv_frequencies, parse_rope
 from tiny import SHARED, make_tiny
 
 # EXL2 needs widths that are multiples of 32; the other settings keep every conversion to a few seconds.
@@ -239,6 +242,18 @@ def test_shards_follow_module_order_and_the_size_limit():
                                         ["model.layers.2.mlp.up_proj.q_weight", "model.layers.10.mlp.up_proj.q_weight"],
                                         ["model.norm.weight"], ["lm_head.q_weight"]]
     assert len(shards(tensors, 0)) == 1  # 0: no limit
+
+
+def test_rope_scale_composes_with_the_models_own_scaling():
+    """-rs divides positions on top of a llama3-scaled rope, as exllamav2's scale_pos_emb does; it does not
+    replace the model's scaling with a linear one."""
+    llama3 = parse_rope({"rope_theta": 500000.0, "max_position_embeddings": 8192, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}})
+    scaled = _rope_override(llama3, Settings("in", "out", rope_scale=2.0), 128)
+    native = inv_frequencies(llama3, 128)[0]
+    assert not torch.allclose(native, inv_frequencies(dataclasses.replace(llama3, type="default"), 128)[0])
+    assert torch.equal(inv_frequencies(scaled, 128)[0], native / 2)
 
 
 def test_rope_overrides_apply_while_calibrating_only(sources, tmp_path):

@@ -98,9 +98,10 @@ def _check(s: Settings):
 
 
 def _rope_override(rope: RopeConfig, s: Settings, head_dim: int) -> RopeConfig:
-    """-rs (linear position scaling) and -ra (NTK alpha: a larger base) apply while calibrating only."""
+    """-rs (positions scaled down linearly, on top of the model's own scaling) and -ra (NTK alpha: a larger base)
+    apply while calibrating only."""
     if s.rope_scale:
-        rope = dataclasses.replace(rope, type="linear", factor=s.rope_scale)
+        rope = dataclasses.replace(rope, position_scale=s.rope_scale)
     if s.rope_alpha:
         rope = dataclasses.replace(rope, theta=rope.theta * s.rope_alpha ** (head_dim / (head_dim - 2)))
     return rope
