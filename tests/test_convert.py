@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import exlcore
 from exlcore.conversion import Settings, _rope_override
+from exlcore.conversion.capture import Capture, Group
 from exlcore.evaluate import evaluate
+from exlcore.layers import Linear
 from exlcore.rope import inv_frequencies, parse_rope
 from tiny import SHARED, make_tiny
 
@@ -232,16 +235,44 @@ def test_shards_follow_module_order_and_the_size_limit():
     from exlcore.conversion.output import shards
 
     mb = 1 << 20
-    tensors = {"lm_head.q_weight": torch.zeros(mb // 4, dtype=torch.int32),
-               "model.layers.10.mlp.up_proj.q_weight": torch.zeros(mb // 8, dtype=torch.int32),
-               "model.layers.2.mlp.up_proj.q_weight": torch.zeros(mb // 8, dtype=torch.int32),
-               "model.norm.weight": torch.zeros(16, dtype=torch.float16),
-               "model.embed_tokens.weight": torch.zeros(mb // 2, dtype=torch.float16)}
-    parts = shards(tensors, 1)
-    assert [list(p) for p in parts] == [["model.embed_tokens.weight"],
+    sizes = {"lm_head.q_weight": mb, "model.layers.10.mlp.up_proj.q_weight": mb // 2,
+             "model.layers.2.mlp.up_proj.q_weight": mb // 2, "model.norm.weight": 32, "model.embed_tokens.weight": mb}
+    parts = shards(sizes, 1)
+    assert parts == [["model.embed_tokens.weight"],
                                         ["model.layers.2.mlp.up_proj.q_weight", "model.layers.10.mlp.up_proj.q_weight"],
                                         ["model.norm.weight"], ["lm_head.q_weight"]]
-    assert len(shards(tensors, 0)) == 1  # 0: no limit
+    assert len(shards(sizes, 0)) == 1  # 0: no limit
+
+
+def test_first_pass_of_a_block_sums_only_the_first_stage_it_calls():
+    """The later stages' inputs change once the first is quantized, so their Hessians wait for their own pass;
+    the order still lists every group called."""
+    class Stage(nn.Module):
+        def __init__(self, key):
+            super().__init__()
+            self.proj = Linear(key, 8, 8)
+            self.proj.weight = torch.randn(8, 8)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    class Block(nn.Module):  # declares the MLP first, calls attention first
+        def __init__(self):
+            super().__init__()
+            self.mlp, self.attn = Stage("mlp.proj"), Stage("attn.proj")
+
+        def forward(self, x):
+            return self.mlp(self.attn(x))
+
+    block, x = Block(), torch.randn(5, 8)
+    groups = [Group(["mlp.proj"], "mlp"), Group(["attn.proj"], "attn")]
+    with Capture(block, groups, all_experts=False, first_stage_only=True) as first:
+        block(x)
+    assert first.order == ["attn.proj", "mlp.proj"] and list(first.h) == ["attn.proj"]
+    assert torch.allclose(first.h["attn.proj"], x.T @ x)
+    with Capture(block, groups, all_experts=False) as every:
+        block(x)
+    assert sorted(every.h) == ["attn.proj", "mlp.proj"]
 
 
 def test_rope_scale_composes_with_the_models_own_scaling():

@@ -264,15 +264,13 @@ def convert(in_dir, out_dir, device=None, progress: bool = True, restart: bool =
     # Write
     t0 = time.monotonic()
     out = Path(s.compile_full or s.out_dir)
-    quantized = {}
-    for i in range(n + 1):
-        quantized.update(job.load_layer(i))
+    head = job.load_layer(n)
     replaced = {f"{k}.weight" for k in shapes} | {"lm_head.weight"}
     config = {"quant_method": "exl2", "version": f"exlcore {_version()}", "bits": s.bits, "head_bits": s.head_bits,
               "calibration": {"rows": s.rows, "length": s.length,
                               "dataset": Path(s.cal_dataset).name if s.cal_dataset else "(default)"}}
     with bar.stage("writing", 1) as step:
-        write_model(src, out, quantized, replaced, config, s.shard_size)
+        write_model(src, out, job.layers(), replaced, config, s.shard_size)
         # Shipped beside the weights (as hub repos do) so other rates can be made with -m.
         write_json(out / "measurement.json", json.loads(Path(s.measurement or measurement_file).read_text()))
         step(str(out))
@@ -281,8 +279,7 @@ def convert(in_dir, out_dir, device=None, progress: bool = True, restart: bool =
     job.drop_layers()  # the output holds them now
     seconds["total"] = time.monotonic() - started
     total_bits = sum(options.bits(strategy[k], kk, nn) for k, (nn, kk) in shapes.items())
-    head = [t for k, t in quantized.items() if k.startswith("lm_head.")]
-    head_bits = sum(t.numel() * t.element_size() * 8 for t in head) / (cfg.vocab_size * cfg.hidden_size)
+    head_bits = sum(t.numel() * t.element_size() * 8 for t in head.values()) / (cfg.vocab_size * cfg.hidden_size)
     choice = {k: (o, options.bits(o, shapes[k][1], shapes[k][0]) / (shapes[k][0] * shapes[k][1]))
               for k, o in strategy.items()}
     return Summary(out, total_bits / sum(a * b for a, b in shapes.values()), head_bits, choice, seconds,

@@ -67,24 +67,34 @@ def groups(block: nn.Module, calibration: Calibration) -> list[Group]:
 class Capture:
     """While active, sums X^T X of each group's input over every token the block runs (fp32). With
     `all_experts`, each MoE layer also runs every expert on all of its tokens, unweighted, so no expert
-    is quantized without data; the routed pass itself is then not captured again."""
+    is quantized without data; the routed pass itself is then not captured again. With `first_stage_only`,
+    only the groups of the first stage the block calls are summed (the later stages' inputs change once it
+    is quantized), though `order` still lists every group called."""
 
-    def __init__(self, block: nn.Module, groups: list[Group], all_experts: bool):
+    def __init__(self, block: nn.Module, groups: list[Group], all_experts: bool, first_stage_only: bool = False):
         self.block, self.groups, self.all_experts = block, groups, all_experts
         self.h: dict[str, torch.Tensor] = {}
         self.order: list[str] = []  # group leaders in the order the block first calls them
+        self._stage_of = {g.keys[0]: g.stage for g in groups}
+        self._first_stage_only, self._stage = first_stage_only, None
         self._paused = False
         self._handles = []
+
+    def _summed(self, stage: str) -> bool:
+        if self._first_stage_only and self._stage is None:
+            self._stage = stage
+        return not self._first_stage_only or stage == self._stage
 
     def __enter__(self):
         linears = {m.key: m for m in self.block.modules() if isinstance(m, Linear)}
         for g in self.groups:
             self._handles.append(linears[g.keys[0]].register_forward_pre_hook(self._hook(g.keys[0])))
         if self.all_experts:
-            for m in self.block.modules():
-                if isinstance(m, SparseMoE):
-                    self._handles.append(m.register_forward_pre_hook(self._every_expert))
-                    self._handles.append(m.register_forward_hook(self._resume))
+            for stage, child in self.block.named_children():
+                for m in child.modules():
+                    if isinstance(m, SparseMoE):
+                        self._handles.append(m.register_forward_pre_hook(self._every_expert(stage)))
+                        self._handles.append(m.register_forward_hook(self._resume))
         return self
 
     def __exit__(self, *exc):
@@ -95,26 +105,33 @@ class Capture:
         def hook(module, args):
             if self._paused:
                 return
+            if key not in self.order:
+                self.order.append(key)
+            if not self._summed(self._stage_of[key]):
+                return
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             if key not in self.h:
                 self.h[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                self.order.append(key)
             self.h[key].addmm_(x.T, x)
         return hook
 
-    def _every_expert(self, moe: SparseMoE, args):
-        x = args[0].reshape(-1, args[0].shape[-1])
-        for expert in moe.experts:
-            expert(x)
-        self._paused = True
+    def _every_expert(self, stage: str):
+        def hook(moe: SparseMoE, args):
+            if not self._summed(stage):
+                return
+            x = args[0].reshape(-1, args[0].shape[-1])
+            for expert in moe.experts:
+                expert(x)
+            self._paused = True
+        return hook
 
     def _resume(self, moe, args, output):
         self._paused = False
 
 
-def capture(block: nn.Module, model: Model, states: list[torch.Tensor], groups: list[Group], all_experts: bool
-            ) -> tuple[Capture, list[torch.Tensor]]:
+def capture(block: nn.Module, model: Model, states: list[torch.Tensor], groups: list[Group], all_experts: bool,
+            first_stage_only: bool = False) -> tuple[Capture, list[torch.Tensor]]:
     """One forward pass of the block with the groups' Hessians captured; returns them and the outputs."""
-    with Capture(block, groups, all_experts) as cap:
+    with Capture(block, groups, all_experts, first_stage_only) as cap:
         out = run(block, model, states)
     return cap, out

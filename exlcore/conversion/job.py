@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from exlcore.errors import ExlError
+from exlcore.weights import Weights
 
 
 def replace_atomically(path: Path, write) -> None:
@@ -83,6 +84,10 @@ class Job:
 
     def load_layer(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(self.layer_file(i))
+
+    def layers(self) -> Weights:
+        """Every finished layer's tensors by full name, each read only when asked for."""
+        return Weights(self.dir / "layers")
 
     def drop_layers(self):
         shutil.rmtree(self.dir / "layers")

@@ -21,12 +21,11 @@ def quantize_block(block: nn.Module, model: Model, states: list[torch.Tensor], g
     """The block's EXL2 tensors (by full name) and its outputs with every linear quantized."""
     linears = {m.key: m for m in block.modules() if isinstance(m, Linear)}
     packed = {}
-    cap, _ = capture(block, model, states, groups, all_experts)
-    leaders = {g.keys[0]: g for g in groups}
-    ordered = [leaders[k] for k in cap.order]
-    stages = list(dict.fromkeys(g.stage for g in ordered))
+    cap, _ = capture(block, model, states, groups, all_experts, first_stage_only=True)
+    stage_of = {g.keys[0]: g.stage for g in groups}
+    stages = list(dict.fromkeys(stage_of[k] for k in cap.order))
     for n, stage in enumerate(stages):
-        members = [g for g in ordered if g.stage == stage]
+        members = [g for g in groups if g.stage == stage]
         if n:
             cap, _ = capture(block, model, states, members, all_experts)
         for g in members:
