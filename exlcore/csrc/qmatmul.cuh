@@ -11,7 +11,8 @@ constexpr int QM_MAX_BATCH = 4;   // matrices sharing one input in one launch (q
 
 // One matrix W (N, K) stored as codes in chunks of 32 (or, at the end of an even-width group, 16) rows.
 struct QMatrix {
-    const uint32_t* q_weight;     // (R, N) packed codes, chunk after chunk (EXL2's and GPTQ's layout)
+    const uint32_t* q_weight;     // (R, N) packed codes, chunk after chunk (EXL2's and GPTQ's layout, 3-, 5- and
+                                  // 6-bit chunks regrouped: regroup in exlcore/formats/qmatrix.py)
     const int4* chunks;           // per chunk: first q_weight row, bits | rows << 8, group, first pair
     const uint32_t* pair_rows;    // (K/2,) the input channels of each decoded pair of codes: lo | hi << 16
     const uint32_t* scale_codes;  // EXL2: (G, N/8) 4-bit scale codes - 1 ...
