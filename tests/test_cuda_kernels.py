@@ -56,27 +56,20 @@ def test_padded_head_and_batched_input(ext):
     assert float((y.double().cpu() - expected).norm() / expected.norm()) < 2e-3
 
 
+# Matrices sharing one input (K = 448), as (layouts, widths): q/k/v-like, one of them split over many slices; and
+# one so wide that each column tile is one work item over all of K (written straight out) beside a narrow one.
+SHARED_INPUT = {
+    "q/k/v-like": ([[(4, 128)] * 2 + [(3, 128), (3, 64)], [(8, 32), (6, 64), (5, 32), (4, 160), (2, 160)], [(6, 448)]],
+                   [4096, 96, 224]),
+    "wide and narrow": ([[(8, 32), (6, 64), (5, 32), (4, 160), (2, 160)], [(4, 192), (3, 256)]], [131072, 96]),
+}
+
+
 @pytest.mark.parametrize("m", [1, 4, 16, 40])
-def test_matrices_sharing_an_input_in_one_launch(ext, m):
-    """q/k/v-like: three matrices of different layouts and widths, one of them split over many slices; the
-    second call checks that the slice counters were left at zero."""
-    layouts = [[(4, 128)] * 2 + [(3, 128), (3, 64)], [(8, 32), (6, 64), (5, 32), (4, 160), (2, 160)], [(6, 448)]]
-    lins = [random_linear(layout, n=n, seed=n) for layout, n in zip(layouts, [4096, 96, 224])]  # K = 448 each
-    kernels = [QMatmul.exl2(ext, {s: v.cuda() for s, v in lin.pack().items()}, "layer", 448, lin.codes.shape[1])
-               for lin in lins]
-    x = torch.randn(m, 448, generator=torch.Generator().manual_seed(m)).half()
-    for _ in range(2):
-        for lin, y in zip(lins, matmul(kernels, x.cuda())):
-            expected = x.double() @ lin.dequantize().double().T
-            assert float((y.double().cpu() - expected).norm() / expected.norm()) < 2e-3
-
-
-@pytest.mark.parametrize("m", [1, 3])
-def test_a_wide_matrix_beside_a_narrow_one(ext, m):
-    """So many column tiles that each is one work item over all of K (written straight out), in one launch with a
-    narrow matrix split over many slices; twice, for the counters."""
-    layouts = [[(8, 32), (6, 64), (5, 32), (4, 160), (2, 160)], [(4, 192), (3, 256)]]
-    lins = [random_linear(layout, n=n, seed=n) for layout, n in zip(layouts, [131072, 96])]  # K = 448 each
+@pytest.mark.parametrize("case", sorted(SHARED_INPUT))
+def test_matrices_sharing_an_input_in_one_launch(ext, case, m):
+    """Every matrix right, twice: the second call checks that the slice counters were left at zero."""
+    lins = [random_linear(layout, n=n, seed=n) for layout, n in zip(*SHARED_INPUT[case])]
     kernels = [QMatmul.exl2(ext, {s: v.cuda() for s, v in lin.pack().items()}, "layer", 448, lin.codes.shape[1])
                for lin in lins]
     x = torch.randn(m, 448, generator=torch.Generator().manual_seed(m)).half()
