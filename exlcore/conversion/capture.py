@@ -81,6 +81,7 @@ class Capture:
         self._handles = []
 
     def _summed(self, stage: str) -> bool:
+        """Whether this pass sums the Hessians of `stage` (with first_stage_only, the first stage asked about)."""
         if self._first_stage_only and self._stage is None:
             self._stage = stage
         return not self._first_stage_only or stage == self._stage

@@ -1,7 +1,8 @@
 // Quantized matmul kernels. The decode kernel gives each warp one work item: 64 output columns (two per lane,
 // 8-byte loads, 256 contiguous bytes per warp per packed row) over one slice of the matrix's chunks. Codes
-// become fp16 pairs with the 0x6400 exponent trick (1024 + code, exact), are centred and scaled exactly as
-// the reference dequantizes them, and are multiplied in half2 within a chunk, summed in fp32 across chunks.
+// become fp16 pairs with the 0x6400 exponent trick (1024 + code, or code << S scaled back by an exact fma),
+// are centred and scaled exactly as the reference dequantizes them, and are multiplied in half2 within a chunk,
+// summed in fp32 across chunks.
 // Slices of one column tile are summed by the last warp to finish (a counter per tile), in slice order, so
 // results do not depend on timing, and the output is written once, in fp16.
 #include <algorithm>
@@ -77,7 +78,8 @@ __device__ __forceinline__ void for_pairs(const uint2* q, F&& use) {
         unrolled<PER_HALF>([&](auto t) {
             constexpr int S = BITS * (t < FIT ? t : t - FIT);
             const uint32_t lo = t < FIT ? x : xh, hi = t < FIT ? y : yh;
-            use(j * PER_HALF + t, (lo & (MASK << S)) | MAGIC, (hi & (MASK << S)) | MAGIC, std::integral_constant<int, S>{});
+            use(j * PER_HALF + t, (lo & (MASK << S)) | MAGIC, (hi & (MASK << S)) | MAGIC,
+                std::integral_constant<int, S>{});
         });
     }
     if constexpr (BITS == 3 || BITS == 5) {  // the last pair: bit j in bit 15 of word j's halves
