@@ -118,7 +118,8 @@ __device__ __forceinline__ GroupRaw load_group(const QMatrix& w, int g, int n) {
 }
 
 // One column's group parameters for weights(): the scale, and per code position S = BITS * i below the 10 mantissa
-// bits, the offset that centres 1024 + (code << S): 1024 + zero point for S = 0, -(1024 >> S) - zero point else.
+// bits, the offset that centres 1024 + (code << S) once scaled down by 2^S: -(1024 >> S) - zero point. `zero` is
+// 1024 + the zero point.
 template <int BITS>
 struct Centre {
     half2 scale, offset[10 / BITS];
@@ -126,18 +127,17 @@ struct Centre {
 
 template <int BITS>
 __device__ __forceinline__ Centre<BITS> centre(half2 scale, half2 zero) {
-    Centre<BITS> c{scale, {zero}};
+    Centre<BITS> c{scale, {}};
 #pragma unroll
-    for (int i = 1; i < 10 / BITS; i++)
+    for (int i = 0; i < 10 / BITS; i++)
         c.offset[i] = __hsub2(__float2half2_rn(float(1024 - (1024 >> (BITS * i)))), zero);
     return c;
 }
 
-// Two raw codes 1024 + (code << S) -> their weights, exactly as the reference: half(code - zero) * scale (for S > 0
-// the code is scaled down by 2^S, an exact power of two, and centred in one fma).
+// Two raw codes 1024 + (code << S) -> their weights, exactly as the reference: half(code - zero) * scale. The code
+// is scaled down by 2^S (an exact power of two) and centred in one fma, exact as every value is a small integer.
 template <int BITS, int S>
 __device__ __forceinline__ half2 weights(uint32_t raw, const Centre<BITS>& c) {
-    if constexpr (S == 0) return __hmul2(__hsub2(as_half2(raw), c.offset[0]), c.scale);
     constexpr uint32_t DOWN = (15u - S) << 10 | (15u - S) << 26;  // fp16 2^-S in both halves
     return __hmul2(__hfma2(as_half2(raw), as_half2(DOWN), c.offset[S / BITS]), c.scale);
 }
