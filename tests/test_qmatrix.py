@@ -1,39 +1,55 @@
-"""The tables the CUDA kernels walk (exlcore/formats/qmatrix.py), checked on the CPU: reading the packed
-codes chunk by chunk and pair by pair, as csrc/qmatmul.cu does, rebuilds exactly the reference weight of
-every EXL2 bit mix and of GPTQ with and without act order."""
+"""The tables and layout the CUDA kernels walk (exlcore/formats/qmatrix.py), checked on the CPU: reading the
+packed codes chunk by chunk, lane by lane and pair by pair, as csrc/qmatmul.cu does, rebuilds exactly the
+reference weight of every EXL2 bit mix and of GPTQ with and without act order."""
 
 import pytest
 import torch
 
 from exlcore.formats import exl2, gptq
-from exlcore.formats.qmatrix import QMatmul, pair_order
+from exlcore.formats.qmatrix import TILE, QMatmul
 from test_exl2 import MIXES, random_linear
 from test_gptq import make_gptq
 
 
-def chunk_codes(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """One chunk's (rows, N) codes as for_pairs reads its words: 2, 4 and 8 bits as stored; 3, 5 and 6 bits as
-    regrouped at load, pair p of codes (2p, 2p + 1) at bit bits * t of the low and high halves of word j, for
-    p = j * (16 // bits) + t, and the pairs left over in the bits the halves leave free."""
-    if 16 % bits == 0:
-        return exl2.unpack_bits(words, bits, rows)
+def lane_pairs(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """(rows / 2, 2, lanes) codes: pair p of each lane's words as for_pairs decodes it: at bit bits * t of word j's
+    low and high 16-bit halves, p = j * (16 // bits) + t; then for 3 and 5 bits the last pair from bit 15 of each
+    word's halves, for 6 bits the spare pairs from bits 12..15 of the words."""
     w = words.to(torch.int64) & 0xFFFFFFFF
-    codes = torch.zeros(rows, w.shape[1], dtype=torch.int64)
     per_half, mask = 16 // bits, (1 << bits) - 1
-    regular = w.shape[0] * per_half
+    pairs = torch.zeros(rows // 2, 2, w.shape[1], dtype=torch.int64)
+    regular = min(rows // 2, w.shape[0] * per_half)
     for p in range(regular):
         j, t = divmod(p, per_half)
-        codes[2 * p], codes[2 * p + 1] = w[j] >> bits * t & mask, w[j] >> 16 + bits * t & mask
+        pairs[p, 0], pairs[p, 1] = w[j] >> bits * t & mask, w[j] >> 16 + bits * t & mask
     if bits in (3, 5):
         for j in range(bits):
-            codes[30] |= (w[j] >> 15 & 1) << j
-            codes[31] |= (w[j] >> 31 & 1) << j
+            pairs[-1, 0] |= (w[j] >> 15 & 1) << j
+            pairs[-1, 1] |= (w[j] >> 31 & 1) << j
     if bits == 6:
         spare = 2 * w.shape[0] // 3
         for k in range(spare):
             high = w[spare + k // 2] >> 12 + 2 * (k % 2)
-            codes[2 * (regular + k)] = (w[k] >> 12 & 15) | (high & 3) << 4
-            codes[2 * (regular + k) + 1] = (w[k] >> 28 & 15) | (high >> 16 & 3) << 4
+            pairs[regular + k, 0] = (w[k] >> 12 & 15) | (high & 3) << 4
+            pairs[regular + k, 1] = (w[k] >> 28 & 15) | (high >> 16 & 3) << 4
+    return pairs
+
+
+def chunk_codes(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """One chunk's (rows, N) codes from its words in lane order: word tile * 32 + 4g + t of each row is lane
+    4g + t's, whose pair p = e * 8 + s * 4 + slot * 2 + h is the A fragment of mma.m16n8k16: rows 2q, 2q + 1 with
+    q = 8e + 4 * slot + t, of column tile * 32 + 4g + 2s + h."""
+    n = words.shape[1]
+    pairs = lane_pairs(words, bits, rows)
+    codes = torch.full((rows, n), -1, dtype=torch.int64)
+    for word in range(n):
+        tile, lane = divmod(word, TILE)
+        g, t = divmod(lane, 4)
+        for p in range(rows // 2):
+            e, s, slot, h = p >> 3, p >> 2 & 1, p >> 1 & 1, p & 1
+            q = 8 * e + 4 * slot + t
+            codes[2 * q:2 * q + 2, tile * TILE + 4 * g + 2 * s + h] = pairs[p, :, word]
+    assert (codes >= 0).all()
     return codes
 
 
@@ -50,9 +66,9 @@ def walk(m: QMatmul) -> torch.Tensor:
         else:  # GPTQ: (scale, 1024 + zero point)
             scale, zero = scale_a[group, :, 0], scale_a[group, :, 1].long() - 1024
         channels = pair_rows[first_pair:first_pair + rows // 2].long() & 0xFFFFFFFF
-        for (lo, hi), both in zip(pair_order(bits, rows), channels.tolist()):
-            w_t[both & 0xFFFF] = (codes[lo] - zero).half() * scale
-            w_t[both >> 16] = (codes[hi] - zero).half() * scale
+        for q, both in enumerate(channels.tolist()):
+            w_t[both & 0xFFFF] = (codes[2 * q] - zero).half() * scale
+            w_t[both >> 16] = (codes[2 * q + 1] - zero).half() * scale
     return w_t.T
 
 
@@ -75,18 +91,3 @@ def test_gptq_tables_rebuild_the_weight(act_order, v2, group):
 def test_gptq_groups_that_are_not_whole_chunks_are_left_to_the_reference():
     tensors = make_gptq(256, 64, 8, False, False)[0]  # 8-row groups
     assert QMatmul.gptq(None, tensors, "layer", 256, 64, False) is None
-
-
-def test_pair_order_is_the_kernels():
-    """Pinned, not derived: csrc/qmatmul.cu's for_pairs masks codes 16 bits apart in one word: as stored for 2, 4
-    and 8 bits, neighbouring codes for 3, 5 and 6 bits (regrouped at load)."""
-    assert pair_order(4, 32)[:5] == [(0, 4), (1, 5), (2, 6), (3, 7), (8, 12)]
-    assert pair_order(2, 16)[:3] == [(0, 8), (1, 9), (2, 10)]
-    assert pair_order(8, 32)[:3] == [(0, 2), (1, 3), (4, 6)]
-    assert pair_order(5, 32)[:2] == pair_order(6, 16)[:2] == [(0, 1), (2, 3)]
-
-
-@pytest.mark.parametrize("bits", exl2.BITS)
-def test_pair_order_covers_each_row_once(bits):
-    for rows in ([16, 32] if bits % 2 == 0 else [32]):
-        assert sorted(r for pair in pair_order(bits, rows) for r in pair) == list(range(rows))

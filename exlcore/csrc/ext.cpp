@@ -27,7 +27,7 @@ QMatrix qmatrix(const std::vector<torch::Tensor>& t) {
                 "qmatrix: dtypes");
     const bool exl2 = t[3].dtype() == torch::kInt32;
     TORCH_CHECK(exl2 ? t[4].dtype() == torch::kHalf : t[3].dtype() == torch::kHalf, "qmatrix: scale dtypes");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t[0].data_ptr()) % 8 == 0 && t[0].size(1) % 8 == 0, "qmatrix: q_weight alignment");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t[0].data_ptr()) % 16 == 0 && t[0].size(1) % 8 == 0, "qmatrix: q_weight alignment");
     TORCH_CHECK(t[2].size(0) * 2 <= 65536, "qmatrix: pair_rows holds 16-bit channels, K <= 65536");
     TORCH_CHECK(t[5].numel() >= (t[0].size(1) + QM_TILE - 1) / QM_TILE, "qmatrix: one counter per column tile");
     return QMatrix{reinterpret_cast<const uint32_t*>(t[0].data_ptr()), reinterpret_cast<const int4*>(t[1].data_ptr()),
@@ -61,6 +61,8 @@ std::vector<torch::Tensor> qm_matmul(const torch::Tensor& x, const std::vector<s
     for (const auto& t : mats) {
         w.push_back(qmatrix(t));
         TORCH_CHECK(x.size(1) == w.back().K, "x has ", x.size(1), " columns, the matrix ", w.back().K, " rows");
+        TORCH_CHECK((w.back().scale_codes == nullptr) == (w[0].scale_codes == nullptr),
+                    "matrices of one call are all EXL2 or all GPTQ");
         outs.push_back(torch::empty({M, w.back().N}, x.options()));
         out_ptrs.push_back(reinterpret_cast<half*>(outs.back().data_ptr()));  // read only on the fp16 path
     }

@@ -1,8 +1,11 @@
-// Quantized matmul kernels. The decode kernel gives each warp one work item: 64 output columns (two per lane,
-// 8-byte loads, 256 contiguous bytes per warp per packed row) over one slice of the matrix's chunks. Codes
-// become fp16 pairs with the 0x6400 exponent trick (1024 + code, or code << S scaled back by an exact fma),
-// are centred and scaled exactly as the reference dequantizes them, and are multiplied in half2 within a chunk,
-// summed in fp32 across chunks.
+// Quantized matmul kernels. The decode kernel multiplies on tensor cores: each warp takes one work item, 32
+// output columns over one slice of the matrix's chunks, and a chunk of 32 rows is two k-steps of
+// mma.m16n8k16 for each 16-column subtile, W as A (its 16 rows are output columns) and x as B (its 8 columns are
+// rows of x). Lane 4g + t holds the A fragments of columns 4g .. 4g + 3 at k-slot t, the chunk's words in lane
+// order (arrange in exlcore/formats/qmatrix.py), so each word of a chunk is one coalesced 128-byte row per warp.
+// Codes become fp16 (code - zero), exactly, with the 0x6400 exponent trick (1024 + code, or code << S scaled back
+// by an exact fma); the tensor cores sum their products with x in fp32 over a group, and each group's sums are
+// scaled once: a weight is (code - zero) * scale unrounded, where the reference rounds it to fp16.
 // Slices of one column tile are summed by the last warp to finish (a counter per tile), in slice order, so
 // results do not depend on timing, and the output is written once, in fp16.
 #include <algorithm>
@@ -16,31 +19,31 @@ namespace {
 
 constexpr int WARPS = 4;           // warps per block; each is an independent work item
 constexpr int MIN_CHUNKS = 2;      // chunks per item at least: a split must pay for its partial sums
-constexpr int MAX_CHUNKS = 16;     // chunks per item at most: the item's x fits its shared memory
-constexpr int MAX_WORDS = 8;       // packed rows per chunk at most (32 rows of 8 bits)
-constexpr int PREFETCH_CHUNKS = 4; // chunks of each item brought into L2 while the kernel before finishes
+constexpr int MAX_WORDS = 8;       // words per lane and chunk at most (32 rows of 8 bits)
+constexpr int STAGE = MAX_WORDS * 32;  // words of a chunk's stage in shared memory
 constexpr uint32_t MAGIC = 0x64006400u;  // two fp16 1024.0: a code in the low mantissa bits reads 1024 + code
 
 struct Plan {
     int splits[QM_MAX_BATCH];
-    int first_item[QM_MAX_BATCH + 1];  // the work items of matrix i are first_item[i] .. first_item[i+1]-1
+    int first_block[QM_MAX_BATCH + 1];  // the blocks of matrix i are first_block[i] .. first_block[i+1]-1
 };
 
-int tiles_of(const QMatrix& w) { return (w.N + QM_TILE - 1) / QM_TILE; }
+// A block takes one slice of the chunks of WARPS neighbouring column tiles, a tile per warp.
+int quads_of(const QMatrix& w) { return (w.N + WARPS * QM_TILE - 1) / (WARPS * QM_TILE); }
 
-// Cut the matrices' chunks into as many work items as the GPU holds at once (`resident`), never more unless
-// MAX_CHUNKS forces it (large matrices): a second, part-filled wave would leave most of the GPU idle.
-Plan plan(const QMatrix* mats, int count, int resident) {
+// Cut the matrices' chunks into as many blocks as the GPU holds at once (`resident`), never more unless
+// max_chunks per slice forces it (large matrices): a second, part-filled wave would leave most of the GPU idle.
+Plan plan(const QMatrix* mats, int count, int resident, int max_chunks) {
     Plan p{};
-    int tiles = 0;
-    for (int i = 0; i < count; i++) tiles += tiles_of(mats[i]);
-    const int want = std::max(1, resident / tiles);
+    int quads = 0;
+    for (int i = 0; i < count; i++) quads += quads_of(mats[i]);
+    const int want = std::max(1, resident / quads);
     for (int i = 0; i < count; i++) {
         const int chunks = mats[i].n_chunks;
-        const int s = std::max((chunks + MAX_CHUNKS - 1) / MAX_CHUNKS, std::min(want, chunks / MIN_CHUNKS));
+        const int s = std::max((chunks + max_chunks - 1) / max_chunks, std::min(want, chunks / MIN_CHUNKS));
         const int per = (chunks + s - 1) / s;
         p.splits[i] = (chunks + per - 1) / per;  // no empty slices
-        p.first_item[i + 1] = p.first_item[i] + p.splits[i] * tiles_of(mats[i]);
+        p.first_block[i + 1] = p.first_block[i] + p.splits[i] * quads_of(mats[i]);
     }
     return p;
 }
@@ -63,152 +66,180 @@ __device__ __forceinline__ void unrolled(F&& f) {
     unrolled(f, std::make_integer_sequence<int, N>{});
 }
 
-// The ROWS codes of one chunk column as ROWS/2 pairs, each as two fp16 1024 + (code << S): use(pair, raw bits for
-// the two columns, S). Word j's 16-bit halves each hold 16 / BITS codes at bits BITS * t, a pair (low half, high
-// half) each; 3, 5 and 6 bits as regrouped at load (exlcore/formats/qmatrix.py), which puts the last pairs in
-// the bits the halves leave over. A code masked in place within the 10 mantissa bits is exact (S = its
-// position), so one shift per word serves the codes above them.
+// One lane's ROWS / 2 pairs of codes in a chunk, each as two fp16 1024 + (code << S): use(pair, raw bits, S), the
+// pair a compile-time constant. Word j's 16-bit halves each hold 16 / BITS codes at bits BITS * t, a pair (low
+// half, high half) each; the last pairs of 3, 5 and 6 bits go in the bits the halves leave over (encode in
+// exlcore/formats/qmatrix.py). A code masked in place within the 10 mantissa bits is exact (S = its position), so
+// one shift per word serves the codes above them.
+// (x & MASK) | MAGIC in one LOP3, written out: left to itself the compiler splits it in two, as LOP3 takes one
+// constant operand.
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t masked(uint32_t x) {
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "n"(MASK), "n"(MAGIC));
+    return r;
+}
+
 template <int BITS, int ROWS, typename F>
-__device__ __forceinline__ void for_pairs(const uint2* q, F&& use) {
+__device__ __forceinline__ void for_pairs(const uint32_t* q, F&& use) {
+    using std::integral_constant;
     constexpr uint32_t MASK = ((1u << BITS) - 1) * 0x10001u;
     constexpr int WORDS = ROWS * BITS / 32, PER_HALF = 16 / BITS, FIT = 10 / BITS;
-#pragma unroll
-    for (int j = 0; j < WORDS; j++) {
-        const uint32_t x = q[j].x, y = q[j].y, xh = x >> (BITS * FIT), yh = y >> (BITS * FIT);
+    unrolled<WORDS>([&](auto j) {
+        const uint32_t x = q[j], xh = x >> (BITS * FIT);
         unrolled<PER_HALF>([&](auto t) {
             constexpr int S = BITS * (t < FIT ? t : t - FIT);
-            const uint32_t lo = t < FIT ? x : xh, hi = t < FIT ? y : yh;
-            use(j * PER_HALF + t, (lo & (MASK << S)) | MAGIC, (hi & (MASK << S)) | MAGIC,
-                std::integral_constant<int, S>{});
+            use(integral_constant<int, j * PER_HALF + t>{}, masked<(MASK << S)>(t < FIT ? x : xh),
+                integral_constant<int, S>{});
         });
-    }
+    });
     if constexpr (BITS == 3 || BITS == 5) {  // the last pair: bit j in bit 15 of word j's halves
-        uint32_t x = MAGIC, y = MAGIC;
-#pragma unroll
-        for (int j = 0; j < BITS; j++) {
-            x |= (q[j].x >> (15 - j)) & (0x10001u << j);
-            y |= (q[j].y >> (15 - j)) & (0x10001u << j);
-        }
-        use(ROWS / 2 - 1, x, y, std::integral_constant<int, 0>{});
+        uint32_t x = MAGIC;
+        unrolled<BITS>([&](auto j) { x |= (q[j] >> (15 - j)) & (0x10001u << j); });
+        use(integral_constant<int, ROWS / 2 - 1>{}, x, integral_constant<int, 0>{});
     } else if constexpr (BITS == 6) {  // pair 2 * WORDS + k: its low 4 bits in bits 12..15 of word k's halves, its
         constexpr int SPARE = 2 * WORDS / 3;  // high 2 bits in word SPARE + k / 2's, at bit 12 + 2 * (k % 2)
-#pragma unroll
-        for (int k = 0; k < SPARE; k++) {
-            const int up = 8 + 2 * (k % 2);
-            use(2 * WORDS + k, ((q[k].x >> 12) & 0x000F000Fu) | ((q[SPARE + k / 2].x >> up) & 0x00300030u) | MAGIC,
-                ((q[k].y >> 12) & 0x000F000Fu) | ((q[SPARE + k / 2].y >> up) & 0x00300030u) | MAGIC,
-                std::integral_constant<int, 0>{});
-        }
+        unrolled<SPARE>([&](auto k) {
+            constexpr int UP = 8 + 2 * (k % 2);
+            use(integral_constant<int, 2 * WORDS + k>{},
+                masked<0x000F000Fu>(q[k] >> 12) | ((q[SPARE + k / 2] >> UP) & 0x00300030u),
+                integral_constant<int, 0>{});
+        });
     }
 }
 
 __device__ __forceinline__ half2 as_half2(uint32_t bits) { return *reinterpret_cast<half2*>(&bits); }
+__device__ __forceinline__ uint32_t bits_of(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 
-// A group's raw parameters for columns n, n + 1: EXL2's scale-code word and q_scale_max, or GPTQ's two (scale,
-// 1024 + zero) pairs. Loaded with the chunk's codes, a chunk ahead of its math, so no load waits inside it.
+// The fp16 bits of the integer v (|v| < 2048, so exact), at compile time.
+constexpr uint32_t fp16_bits(int v) {
+    const uint32_t m = v < 0 ? -v : v;
+    int e = 0;
+    while ((m >> e) > 1) e++;
+    return v == 0 ? 0 : (v < 0 ? 0x8000u : 0u) | uint32_t(e + 15) << 10 | ((m << (10 - e)) & 0x3FFu);
+}
+
+// A group's parameters for the lane's columns n .. n + 3, as loaded: EXL2's four 4-bit scale codes (the low 16 bits)
+// and q_scale_max; GPTQ's (scale, 1024 + zero point) of each column. Loaded with the chunk's codes, a chunk ahead.
 struct GroupRaw {
-    uint32_t a, b;
+    uint32_t v[4];
 };
 
-__device__ __forceinline__ GroupRaw load_group(const QMatrix& w, int g, int n) {
-    if (w.scale_codes != nullptr)
-        return {__ldg(w.scale_codes + (size_t)g * (w.N / 8) + n / 8), __half_as_ushort(__ldg(w.scale_max + g))};
-    const uint2 sz = __ldg(reinterpret_cast<const uint2*>(w.scale_zero + (size_t)g * w.N + n));
-    return {sz.x, sz.y};
-}
-
-// One column's group parameters for weights(): the scale, and per code position S = BITS * i below the 10 mantissa
-// bits, the offset that centres 1024 + (code << S) once scaled down by 2^S: -(1024 >> S) - zero point. `zero` is
-// 1024 + the zero point.
-template <int BITS>
-struct Centre {
-    half2 scale, offset[10 / BITS];
-};
-
-template <int BITS>
-__device__ __forceinline__ Centre<BITS> centre(half2 scale, half2 zero) {
-    Centre<BITS> c{scale, {}};
-#pragma unroll
-    for (int i = 0; i < 10 / BITS; i++)
-        c.offset[i] = __hsub2(__float2half2_rn(float(1024 - (1024 >> (BITS * i)))), zero);
-    return c;
-}
-
-// Two raw codes 1024 + (code << S) -> their weights, exactly as the reference: half(code - zero) * scale. The code
-// is scaled down by 2^S (an exact power of two) and centred in one fma, exact as every value is a small integer.
-template <int BITS, int S>
-__device__ __forceinline__ half2 weights(uint32_t raw, const Centre<BITS>& c) {
-    constexpr uint32_t DOWN = (15u - S) << 10 | (15u - S) << 26;  // fp16 2^-S in both halves
-    return __hmul2(__hfma2(as_half2(raw), as_half2(DOWN), c.offset[S / BITS]), c.scale);
-}
-
-// The group's parameters for columns n, n + 1, scale and zero point each broadcast to both halves.
-template <int BITS>
-__device__ __forceinline__ void group_params(const QMatrix& w, GroupRaw raw, int n, Centre<BITS> (&c)[2]) {
-    if (w.scale_codes != nullptr) {
-        const half unit = __hmul(__ushort_as_half(raw.b), __float2half(1.0f / 256));
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            const int code = ((raw.a >> (4 * (n % 8 + i))) & 15) + 1;
-            c[i] = centre<BITS>(__half2half2(__hmul(__int2half_rn(code * code), unit)),
-                                __half2half2(__int2half_rn(1024 + (1 << (BITS - 1)))));
-        }
+template <bool GPTQ>
+__device__ __forceinline__ GroupRaw load_group(const QMatrix& w, int group, int n) {
+    if constexpr (GPTQ) {
+        const uint4 r = __ldg(reinterpret_cast<const uint4*>(w.scale_zero + (size_t)group * w.N + n));
+        return {{r.x, r.y, r.z, r.w}};
     } else {
+        return {{__ldg(w.scale_codes + (size_t)group * (w.N / 8) + n / 8) >> (4 * (n % 8)),
+                 __half_as_ushort(__ldg(w.scale_max + group)), 0, 0}};
+    }
+}
+
+// Column n + c's scale, as the reference computes it: EXL2's half(code^2) * half(q_scale_max / 256).
+template <bool GPTQ>
+__device__ __forceinline__ half scale_of(const GroupRaw& r, int c) {
+    if constexpr (GPTQ) return __low2half(as_half2(r.v[c]));
+    const int code = ((r.v[0] >> (4 * c)) & 15) + 1;
+    return __hmul(__int2half_rn(code * code), __hmul(__ushort_as_half(r.v[1]), __float2half(1.0f / 256)));
+}
+
+// Pair p of a chunk as (code - zero) in two fp16, exactly: 1024 + (code << S) scaled down by 2^S and centred in one
+// fma (every value a small integer), by -(1024 >> S) - zero: a constant for EXL2 (zero = 2^(BITS - 1)), column
+// 2s + h's for GPTQ, p being e * 8 + s * 4 + slot * 2 + h.
+template <int BITS, bool GPTQ, int P, int S>
+__device__ __forceinline__ uint32_t centred(uint32_t raw, const GroupRaw& g) {
+    constexpr uint32_t DOWN = (15u - S) << 10 | (15u - S) << 26;  // fp16 2^-S in both halves
+    half2 offset;
+    if constexpr (GPTQ) {
+        constexpr int c = (P >> 1 & 2) | (P & 1);
+        offset = __hsub2(as_half2(fp16_bits(1024 - (1024 >> S)) * 0x10001u), __high2half2(as_half2(g.v[c])));
+    } else {
+        offset = as_half2(fp16_bits(-(1024 >> S) - (1 << (BITS - 1))) * 0x10001u);
+    }
+    return bits_of(__hfma2(as_half2(raw), as_half2(DOWN), offset));
+}
+
+// d += A B on tensor cores: A the 16 x 16 fp16 fragment a, B the 16 x 8 fp16 fragment (b0, b1), d fp32.
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One chunk into its group's fp32 sums: sums[nt][s] += W(subtile s) x^T(rows 8 nt .. 8 nt + 7), k-step by k-step.
+// xb[nt] is the lane's row of x (row 8 nt + g) in decode order at the chunk's first pair.
+// q is the lane's first word in the chunk's stage (rows of 32 words).
+template <int BITS, int ROWS, bool GPTQ, int NT>
+__device__ __forceinline__ void mma_chunk(const uint32_t* stage, const GroupRaw& g, const half2* const (&xb)[NT],
+                                          int t, float (&sums)[NT][2][4]) {
+    uint32_t q[ROWS * BITS / 32], a[ROWS / 2];
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
-            const half2 sz = as_half2(i == 0 ? raw.a : raw.b);
-            c[i] = centre<BITS>(__low2half2(sz), __high2half2(sz));
+    for (int j = 0; j < ROWS * BITS / 32; j++) q[j] = stage[32 * j];
+    for_pairs<BITS, ROWS>(q, [&](auto p, uint32_t raw, auto S) { a[p] = centred<BITS, GPTQ, p, S>(raw, g); });
+#pragma unroll
+    for (int e = 0; e < ROWS / 16; e++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const uint32_t b0 = bits_of(xb[nt][8 * e + t]), b1 = bits_of(xb[nt][8 * e + 4 + t]);
+            mma(sums[nt][0], a + 8 * e, b0, b1);
+            mma(sums[nt][1], a + 8 * e + 4, b0, b1);
+        }
+}
+
+// A lane's share of copying one chunk into a stage asynchronously (cp.async, streamed past L1): 16 bytes of rows j
+// and j + 4 (j = lane / 8) of the chunk's rows of 32 lane-order words, words past N filled with zeros.
+struct Fetch {
+    uint64_t src;          // the lane's 16 bytes of row j of a chunk starting at q_weight row 0 (global address)
+    unsigned four_rows;    // words from row j to row j + 4
+    unsigned dst;          // its place in stage 0 (shared address)
+    int j, bytes;
+};
+
+__device__ __forceinline__ Fetch fetch_for(const QMatrix& w, int tile, int lane, const uint32_t* stage0) {
+    const int j = lane / 8, col = tile * QM_TILE + 4 * (lane % 8);
+    return {reinterpret_cast<uint64_t>(w.q_weight + (size_t)j * w.N + (col < w.N ? col : 0)), 4u * w.N,
+            static_cast<unsigned>(__cvta_generic_to_shared(stage0 + j * 32 + 4 * (lane % 8))), j, col < w.N ? 16 : 0};
+}
+
+// The chunk whose first word is `offset` (its row * N) and has `words` rows, into the stage `stage` bytes past
+// stage 0. The addresses are one 32 x 32 -> 64-bit multiply-add each.
+__device__ __forceinline__ void fetch_chunk(const Fetch& f, unsigned offset, int words, unsigned stage) {
+#pragma unroll
+    for (int k = 0; k < MAX_WORDS / 4; k++) {
+        if (f.j + 4 * k < words) {
+            uint64_t src;
+            asm("mad.wide.u32 %0, %1, 4, %2;" : "=l"(src) : "r"(offset + k * f.four_rows), "l"(f.src));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(f.dst + stage + k * 512), "l"(src),
+                         "r"(f.bytes));
         }
     }
 }
 
-// The packed words of one chunk for columns n, n + 1 (streamed: read once, kept out of the way in L2).
-__device__ __forceinline__ void load_chunk(const QMatrix& w, int4 ch, int n, uint2 (&q)[MAX_WORDS]) {
+__device__ __forceinline__ void fetch_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int PENDING>
+__device__ __forceinline__ void fetch_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING)); }
+
+// The lane's words of one chunk, straight from q_weight (`word` is the lane's word in each row).
+__device__ __forceinline__ void load_chunk(const QMatrix& w, int4 ch, int word, uint32_t (&q)[MAX_WORDS]) {
     const int words = (ch.y & 0xFF) * (ch.y >> 8) / 32;
 #pragma unroll
     for (int j = 0; j < MAX_WORDS; j++)
-        if (j < words) q[j] = __ldcs(reinterpret_cast<const uint2*>(w.q_weight + (size_t)(ch.x + j) * w.N + n));
+        if (j < words) q[j] = __ldg(w.q_weight + (size_t)(ch.x + j) * w.N + word);
 }
 
-// The same words into L2 only.
-__device__ __forceinline__ void prefetch_chunk(const QMatrix& w, int4 ch, int n) {
-    const int words = (ch.y & 0xFF) * (ch.y >> 8) / 32;
-    for (int j = 0; j < words; j++)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(w.q_weight + (size_t)(ch.x + j) * w.N + n));
-}
-
-// Each lane's share of one chunk: acc[m][c] += x[m] . W[column n + c] over the chunk's rows, multiplied in half2.
-// xs holds the chunk's x in decode order, row m at xs[m * xs_stride].
-template <int BITS, int ROWS, int MAXM>
-__device__ __forceinline__ void dot_chunk(const QMatrix& w, GroupRaw g, int n, const uint2 (&q)[MAX_WORDS],
-                                          const half2* xs, int xs_stride, int M, float (&acc)[MAXM][2]) {
-    Centre<BITS> c[2];
-    group_params<BITS>(w, g, n, c);
-    half2 h[MAXM][2];
-#pragma unroll
-    for (int m = 0; m < MAXM; m++) h[m][0] = h[m][1] = __float2half2_rn(0.f);
-    for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1, auto S) {
-        const half2 w0 = weights<BITS, S>(raw0, c[0]), w1 = weights<BITS, S>(raw1, c[1]);
-#pragma unroll
-        for (int m = 0; m < MAXM; m++) {
-            if (m < M) {
-                const half2 xp = xs[m * xs_stride + p];
-                h[m][0] = __hfma2(w0, xp, h[m][0]);
-                h[m][1] = __hfma2(w1, xp, h[m][1]);
-            }
-        }
-    });
-#pragma unroll
-    for (int m = 0; m < MAXM; m++)
-#pragma unroll
-        for (int c = 0; c < 2; c++) acc[m][c] += __low2float(h[m][c]) + __high2float(h[m][c]);
-}
-
-// f(bits, rows) with both as compile-time constants (std::integral_constant), for the chunk entry's width.
-template <typename F>
+// f(bits, rows) with both as compile-time constants (std::integral_constant), for the chunk entry's width; GPTQ's
+// are all 4-bit.
+template <bool GPTQ, typename F>
 __device__ __forceinline__ void with_layout(int4 ch, F&& f) {
     using std::integral_constant;
-    const bool full = (ch.y >> 8) == 32;
+    const bool full = (ch.y >> 8 & 0xFF) == 32;
+    if constexpr (GPTQ) {
+        full ? f(integral_constant<int, 4>{}, integral_constant<int, 32>{}) : f(integral_constant<int, 4>{}, integral_constant<int, 16>{});
+        return;
+    }
     switch (ch.y & 0xFF) {
         case 8: full ? f(integral_constant<int, 8>{}, integral_constant<int, 32>{}) : f(integral_constant<int, 8>{}, integral_constant<int, 16>{}); break;
         case 6: full ? f(integral_constant<int, 6>{}, integral_constant<int, 32>{}) : f(integral_constant<int, 6>{}, integral_constant<int, 16>{}); break;
@@ -219,82 +250,144 @@ __device__ __forceinline__ void with_layout(int4 ch, F&& f) {
     }
 }
 
-__device__ __forceinline__ int4 shfl(int4 v, int lane) {
-    return make_int4(__shfl_sync(0xFFFFFFFFu, v.x, lane), __shfl_sync(0xFFFFFFFFu, v.y, lane),
-                     __shfl_sync(0xFFFFFFFFu, v.z, lane), __shfl_sync(0xFFFFFFFFu, v.w, lane));
-}
+// Up to MAXM rows of x (NT n-tiles of 8). The lane's sums acc[nt][s][i] are column n + 2s + i / 2 (n = its first
+// column) and row of x 8 nt + 2t + i % 2, as mma.m16n8k16 lays out its D fragment.
+template <bool GPTQ, int MAXM>
+struct Shape {
+    static constexpr int NT = (MAXM + 7) / 8;  // n-tiles of 8 rows of x
+    static constexpr int STAGES = MAXM == 1 ? 6 : MAXM <= 4 ? 4 : 3;  // chunks in shared memory, all but one in flight
+    static constexpr int CHUNKS = 32;          // chunks per slice at most
+    static constexpr int XS = CHUNKS * 16;     // pairs of x per row of x
+    static constexpr int XS_STRIDE = XS + 4;   // rows of x 4 banks apart: 8 rows' pair t (a B fragment) hit 32 banks
+    // per block: the slice's chunk table (CHUNKS int4) and x (MAXM, XS_STRIDE) half2, then per warp STAGES stages
+    static constexpr int SHARED = (CHUNKS * 4 + MAXM * XS_STRIDE + WARPS * STAGES * STAGE) * 4;  // bytes
+};
 
-template <int MAXM>
+// Up to MAXM rows of x (NT n-tiles of 8). The lane's sums acc[nt][s][i] are column n + 2s + i / 2 (n = its first
+// column) and row of x 8 nt + 2t + i % 2, as mma.m16n8k16 lays out its D fragment.
+template <bool GPTQ, int MAXM>
 __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant__ Batch b, const half* __restrict__ x,
                                                          int M) {
-    constexpr int XS = MAX_CHUNKS * 16;  // pairs of x per warp and row of x
-    extern __shared__ half2 xs_all[];    // (WARPS, MAXM, XS)
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int item = blockIdx.x * WARPS + warp;
-    if (item >= b.plan.first_item[b.count]) return;
+    using Sh = Shape<GPTQ, MAXM>;
+    constexpr int NT = Sh::NT, STAGES = Sh::STAGES, XS = Sh::XS, XS_STRIDE = Sh::XS_STRIDE, THREADS = WARPS * 32;
+    extern __shared__ int4 shared[];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    if (blockIdx.x >= b.plan.first_block[b.count]) return;
     int mi = 0;
-    while (item >= b.plan.first_item[mi + 1]) mi++;
+    while (blockIdx.x >= b.plan.first_block[mi + 1]) mi++;
     const QMatrix& w = b.m[mi];
-    const int splits = b.plan.splits[mi], local = item - b.plan.first_item[mi];
-    const int tile = local / splits, split = local % splits;
-    const bool live = tile * QM_TILE + lane * 2 < w.N;  // N is a multiple of 8: both columns or neither
-    const int n = live ? tile * QM_TILE + lane * 2 : 0;  // lanes past the end read column 0, write nothing
+    const int splits = b.plan.splits[mi], local = blockIdx.x - b.plan.first_block[mi];
+    const int tile = local / splits * WARPS + warp, split = local % splits;
+    // N is a multiple of 8: a lane's 4 columns all exist or none do. Lanes past the end read the tile's first
+    // lane's parameters, and write nothing; warps past the end stop once the block's x is in.
+    const bool tile_live = tile * QM_TILE < w.N, live = tile * QM_TILE + lane < w.N;
+    const int n = tile * QM_TILE + (live ? 4 * g : 0);
     const int per = (w.n_chunks + splits - 1) / splits, c0 = split * per, count = min(per, w.n_chunks - c0);
+    int4* table = shared;  // chunk c of the slice: first word, bits | rows << 8 | words << 16, group, first pair
+    half2* xs = reinterpret_cast<half2*>(table + Sh::CHUNKS);  // from the slice's
+    const uint32_t* stages = reinterpret_cast<const uint32_t*>(xs + MAXM * XS_STRIDE) + warp * STAGES * STAGE;
 
-    // While the kernel before finishes: the item's chunk entries (one per lane), the input channels of its pairs
-    // (all in flight at once) and its first chunks, into L2. Then x in decode order, gathered once.
-    const int4 mine = lane < count ? __ldg(w.chunks + c0 + lane) : make_int4(0, 0, 0, 0);
-    const int4 first = shfl(mine, 0), last = shfl(mine, count - 1);
+    // While the kernel before finishes: the slice's chunk table, the input channels of its pairs (all in flight at
+    // once) and each warp's first chunks. Then x in decode order, gathered once for the block.
+    const int4 first = __ldg(w.chunks + c0), last = __ldg(w.chunks + c0 + count - 1);
     const int pair0 = first.w, pairs = last.w + (last.y >> 9) - pair0;
-    uint32_t r[XS / 32];
+    if (threadIdx.x < count) {
+        const int4 e = __ldg(w.chunks + c0 + threadIdx.x);
+        table[threadIdx.x] = make_int4(e.x * w.N, e.y | (e.y & 0xFF) * (e.y >> 8) / 32 << 16, e.z, e.w - pair0);
+    }
+    uint32_t r[XS / THREADS];
 #pragma unroll
-    for (int i = 0; i < XS / 32; i++) r[i] = lane + 32 * i < pairs ? __ldg(w.pair_rows + pair0 + lane + 32 * i) : 0;
-    for (int c = 0; c < min(count, PREFETCH_CHUNKS); c++) prefetch_chunk(w, shfl(mine, c), n);
+    for (int i = 0; i < XS / THREADS; i++) {
+        const int k = threadIdx.x + THREADS * i;
+        r[i] = k < pairs ? __ldg(w.pair_rows + pair0 + k) : 0;
+    }
+    __syncthreads();
+    const Fetch fetch = fetch_for(w, tile, lane, stages);
+#pragma unroll
+    for (int c = 0; c < STAGES - 1; c++) {
+        if (tile_live && c < count) fetch_chunk(fetch, table[c].x, table[c].y >> 16, c * STAGE * 4);
+        fetch_commit();
+    }
     dependency_wait();
     dependents_start();
-    half2* xs = xs_all + warp * MAXM * XS;
     for (int m = 0; m < M; m++) {
         const half* xm = x + (size_t)m * w.K;
 #pragma unroll
-        for (int i = 0; i < XS / 32; i++)
-            if (lane + 32 * i < pairs) xs[m * XS + lane + 32 * i] = __halves2half2(xm[r[i] & 0xFFFF], xm[r[i] >> 16]);
-    }
-    __syncwarp();
-
-    float acc[MAXM][2];
-#pragma unroll
-    for (int m = 0; m < MAXM; m++) acc[m][0] = acc[m][1] = 0.f;
-    // The next chunk's loads are issued before this one is decoded.
-    uint2 q[MAX_WORDS], next[MAX_WORDS];
-    int4 ch = first;
-    load_chunk(w, ch, n, q);
-    GroupRaw g = load_group(w, ch.z, n), g_next = g;
-    for (int c = 0; c < count; c++) {
-        const int4 ch_next = shfl(mine, min(c + 1, count - 1));
-        if (c + 1 < count) {
-            load_chunk(w, ch_next, n, next);
-            g_next = load_group(w, ch_next.z, n);
+        for (int i = 0; i < XS / THREADS; i++) {
+            const int k = threadIdx.x + THREADS * i;
+            if (k < pairs) xs[m * XS_STRIDE + k] = __halves2half2(xm[r[i] & 0xFFFF], xm[r[i] >> 16]);
         }
-        with_layout(ch, [&](auto bits, auto rows) {
-            dot_chunk<bits.value, rows.value, MAXM>(w, g, n, q, xs + ch.w - pair0, XS, M, acc);
-        });
+    }
+    __syncthreads();
+    if (!tile_live) return;
+    const half2* x_row[NT];  // the lane's B column: row 8 nt + g of x (rows past M repeat the last; never stored)
 #pragma unroll
-        for (int j = 0; j < MAX_WORDS; j++) q[j] = next[j];
+    for (int nt = 0; nt < NT; nt++) x_row[nt] = xs + min(8 * nt + g, M - 1) * XS_STRIDE;
+
+    float acc[NT][2][4] = {}, sums[NT][2][4] = {};
+    int4 ch = table[0];
+    // The group's parameters: EXL2's are needed only once its last chunk is in, GPTQ's (zero points) at once.
+    GroupRaw group = load_group<GPTQ>(w, ch.z, n);
+    int stage = 0, stage_fetch = (STAGES - 1) * STAGE * 4;  // chunk c's stage (words), chunk c + STAGES - 1's (bytes)
+    for (int c = 0; c < count; c++) {
+        // Chunk c has landed (at most STAGES - 2 younger groups pending) and every lane is past reading chunk
+        // c - 1's stage, which now takes chunk c + STAGES - 1.
+        fetch_wait<STAGES - 2>();
+        __syncwarp();
+        if (c + STAGES - 1 < count) {
+            const int4 f = table[c + STAGES - 1];
+            fetch_chunk(fetch, f.x, f.y >> 16, stage_fetch);
+        }
+        fetch_commit();
+        stage_fetch = stage_fetch == (STAGES - 1) * STAGE * 4 ? 0 : stage_fetch + STAGE * 4;
+        const half2* xb[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) xb[nt] = x_row[nt] + ch.w;
+        with_layout<GPTQ>(ch, [&](auto bits, auto rows) {
+            mma_chunk<bits.value, rows.value, GPTQ, NT>(stages + stage + lane, group, xb, t, sums);
+        });
+        stage = stage == (STAGES - 1) * STAGE ? 0 : stage + STAGE;
+        const int4 ch_next = table[min(c + 1, count - 1)];
+        if (c + 1 == count || ch_next.z != ch.z) {  // the group's last chunk in this slice: scale its sums
+            float scale[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) scale[i] = __half2float(scale_of<GPTQ>(group, i));
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int s = 0; s < 2; s++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        acc[nt][s][i] += sums[nt][s][i] * scale[2 * s + i / 2];
+                        sums[nt][s][i] = 0.f;
+                    }
+            group = load_group<GPTQ>(w, ch_next.z, n);
+        }
         ch = ch_next;
-        g = g_next;
     }
 
+    // f(row of x, column pair's offset from n, its two sums) for each of the lane's sums that exists.
+    const auto for_outputs = [&](auto&& f) {
+        if (!live) return;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int s = 0; s < 2; s++)
+#pragma unroll
+                for (int i = 0; i < 2; i++)
+                    if (8 * nt + 2 * t + i < M) f(8 * nt + 2 * t + i, 2 * s, acc[nt][s][i], acc[nt][s][2 + i]);
+    };
     half* out = b.out[mi];
     if (splits == 1) {
-        if (live)
-            for (int m = 0; m < M; m++)
-                *reinterpret_cast<half2*>(out + (size_t)m * w.N + n) = __floats2half2_rn(acc[m][0], acc[m][1]);
+        for_outputs([&](int m, int dn, float v0, float v1) {
+            *reinterpret_cast<half2*>(out + (size_t)m * w.N + n + dn) = __floats2half2_rn(v0, v1);
+        });
         return;
     }
     float* partial = b.partial[mi];
-    if (live)
-        for (int m = 0; m < M; m++)
-            __stcg(reinterpret_cast<float2*>(partial + ((size_t)split * M + m) * w.N + n), make_float2(acc[m][0], acc[m][1]));
+    for_outputs([&](int m, int dn, float v0, float v1) {
+        __stcg(reinterpret_cast<float2*>(partial + ((size_t)split * M + m) * w.N + n + dn), make_float2(v0, v1));
+    });
     __threadfence();  // this slice's sums are visible everywhere before it is counted
     __syncwarp();
     int* counter = w.counters + tile;
@@ -304,54 +397,65 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     if (done != splits - 1) return;
     __syncwarp();
     __threadfence();  // the last slice in: every other slice's sums are visible now
-    if (live)
-        for (int m = 0; m < M; m++) {
-            float2 s = make_float2(0.f, 0.f);
+    for_outputs([&](int m, int dn, float, float) {
+        float2 s = make_float2(0.f, 0.f);
 #pragma unroll 8
-            for (int k = 0; k < splits; k++) {
-                const float2 v = __ldcg(reinterpret_cast<const float2*>(partial + ((size_t)k * M + m) * w.N + n));
-                s.x += v.x;
-                s.y += v.y;
-            }
-            *reinterpret_cast<half2*>(out + (size_t)m * w.N + n) = __floats2half2_rn(s.x, s.y);
+        for (int k = 0; k < splits; k++) {
+            const float2 v = __ldcg(reinterpret_cast<const float2*>(partial + ((size_t)k * M + m) * w.N + n + dn));
+            s.x += v.x;
+            s.y += v.y;
         }
+        *reinterpret_cast<half2*>(out + (size_t)m * w.N + n + dn) = __floats2half2_rn(s.x, s.y);
+    });
     if (lane == 0) *counter = 0;  // ready for the next launch (CUDA graphs replay the same counters)
 }
 
-template <int BITS, int ROWS>
-__device__ __forceinline__ void dequantize_chunk(const QMatrix& w, int4 ch, int n, half* __restrict__ w_t, int n0,
-                                                 int cols) {
-    uint2 q[MAX_WORDS];
-    load_chunk(w, ch, n, q);
-    Centre<BITS> c[2];
-    group_params<BITS>(w, load_group(w, ch.z, n), n, c);
-    for_pairs<BITS, ROWS>(q, [&](int p, uint32_t raw0, uint32_t raw1, auto S) {
-        const half2 w0 = weights<BITS, S>(raw0, c[0]), w1 = weights<BITS, S>(raw1, c[1]);
-        const uint32_t r = __ldg(w.pair_rows + ch.w + p);
-        *reinterpret_cast<half2*>(w_t + (size_t)(r & 0xFFFF) * cols + n - n0) = __lows2half2(w0, w1);
-        *reinterpret_cast<half2*>(w_t + (size_t)(r >> 16) * cols + n - n0) = __highs2half2(w0, w1);
+// One chunk's weights for the lane's columns, exactly as the reference: half(code - zero) * scale. Pairs p, p + 1
+// (h = 0, 1) are columns n + 2s, n + 2s + 1 at the same rows, stored together.
+template <int BITS, int ROWS, bool GPTQ>
+__device__ __forceinline__ void dequantize_chunk(const QMatrix& w, int4 ch, int word, int n, int t,
+                                                 half* __restrict__ w_t, int n0, int cols) {
+    uint32_t q[MAX_WORDS];
+    load_chunk(w, ch, word, q);
+    const GroupRaw group = load_group<GPTQ>(w, ch.z, n);
+    half2 scale[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) scale[i] = __half2half2(scale_of<GPTQ>(group, i));
+    uint32_t a[ROWS / 2];
+    for_pairs<BITS, ROWS>(q, [&](auto p, uint32_t raw, auto S) { a[p] = centred<BITS, GPTQ, p, S>(raw, group); });
+    unrolled<ROWS / 4>([&](auto i) {
+        constexpr int p = 2 * i, e = p >> 3, s = p >> 2 & 1, slot = p >> 1 & 1;
+        const half2 w0 = __hmul2(as_half2(a[p]), scale[2 * s]), w1 = __hmul2(as_half2(a[p + 1]), scale[2 * s + 1]);
+        const uint32_t rows = __ldg(w.pair_rows + ch.w + 8 * e + 4 * slot + t);
+        *reinterpret_cast<half2*>(w_t + (size_t)(rows & 0xFFFF) * cols + n + 2 * s - n0) = __lows2half2(w0, w1);
+        *reinterpret_cast<half2*>(w_t + (size_t)(rows >> 16) * cols + n + 2 * s - n0) = __highs2half2(w0, w1);
     });
 }
 
+template <bool GPTQ>
 __global__ void __launch_bounds__(WARPS * 32) dequantize_kernel(QMatrix w, half* __restrict__ w_t, int n0, int cols) {
-    const int c = blockIdx.y * WARPS + threadIdx.x / 32;
-    const int n = n0 + blockIdx.x * QM_TILE + threadIdx.x % 32 * 2;
-    if (c >= w.n_chunks || n >= n0 + cols) return;
+    const int c = blockIdx.y * WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int word = n0 + blockIdx.x * QM_TILE + lane;  // n0 is a multiple of QM_TILE
+    if (c >= w.n_chunks || word >= n0 + cols) return;
     const int4 ch = __ldg(w.chunks + c);
-    with_layout(ch, [&](auto bits, auto rows) { dequantize_chunk<bits.value, rows.value>(w, ch, n, w_t, n0, cols); });
+    with_layout<GPTQ>(ch, [&](auto bits, auto rows) {
+        dequantize_chunk<bits.value, rows.value, GPTQ>(w, ch, word, word - lane % 4, lane % 4, w_t, n0, cols);
+    });
 }
 
-// The decode kernel for up to MAXM rows of x, its shared memory, and the work items the GPU holds at once.
+// The decode kernel for up to MAXM rows of x, its shared memory, the blocks the GPU holds at once, and the most
+// chunks a slice may have.
 struct Kernel {
     void (*fn)(Batch, const half*, int);
-    int shared, resident;
+    int shared, resident, chunks;
 };
 
 // Its shared memory set up and its blocks per SM measured once per device (a CUDA error, negated, if that fails).
-template <int MAXM>
+template <bool GPTQ, int MAXM>
 cudaError_t prepare(int sm_count, Kernel& k) {
-    k.fn = gemv_kernel<MAXM>;
-    k.shared = WARPS * MAXM * MAX_CHUNKS * 16 * sizeof(half2);
+    k.fn = gemv_kernel<GPTQ, MAXM>;
+    k.shared = Shape<GPTQ, MAXM>::SHARED;
+    k.chunks = Shape<GPTQ, MAXM>::CHUNKS;
     const int blocks = once_per_device(reinterpret_cast<const void*>(k.fn), [&] {
         cudaError_t e = k.shared > 48 * 1024
                             ? cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.shared)
@@ -361,24 +465,28 @@ cudaError_t prepare(int sm_count, Kernel& k) {
         return e == cudaSuccess ? std::max(1, b) : -int(e);
     });
     if (blocks < 0) return cudaError_t(-blocks);
-    k.resident = sm_count * blocks * WARPS;
+    k.resident = sm_count * blocks;
     return cudaSuccess;
 }
 
+template <bool GPTQ>
 cudaError_t kernel_for(int M, int sm_count, Kernel& k) {
-    if (M == 1) return prepare<1>(sm_count, k);
-    if (M == 2) return prepare<2>(sm_count, k);
-    if (M <= 4) return prepare<4>(sm_count, k);
-    if (M <= 8) return prepare<8>(sm_count, k);
-    return prepare<QM_MAX_M>(sm_count, k);
+    if (M == 1) return prepare<GPTQ, 1>(sm_count, k);
+    if (M <= 4) return prepare<GPTQ, 4>(sm_count, k);
+    if (M <= 8) return prepare<GPTQ, 8>(sm_count, k);
+    return prepare<GPTQ, QM_MAX_M>(sm_count, k);
+}
+
+cudaError_t kernel_for(const QMatrix& w, int M, int sm_count, Kernel& k) {
+    return w.scale_codes != nullptr ? kernel_for<false>(M, sm_count, k) : kernel_for<true>(M, sm_count, k);
 }
 
 }  // namespace
 
 size_t qm_workspace(const QMatrix* mats, int count, int M, int sm_count) {
     Kernel k{};
-    if (kernel_for(M, sm_count, k) != cudaSuccess) return 0;  // qm_gemv reports the error
-    const Plan p = plan(mats, count, k.resident);
+    if (kernel_for(mats[0], M, sm_count, k) != cudaSuccess) return 0;  // qm_gemv reports the error
+    const Plan p = plan(mats, count, k.resident, k.chunks);
     size_t floats = 0;
     for (int i = 0; i < count; i++)
         if (p.splits[i] > 1) floats += (size_t)p.splits[i] * M * mats[i].N;
@@ -388,11 +496,11 @@ size_t qm_workspace(const QMatrix* mats, int count, int M, int sm_count) {
 cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const half* x, int M, float* workspace,
                     int sm_count, cudaStream_t stream) {
     Kernel k{};
-    const cudaError_t e = kernel_for(M, sm_count, k);
+    const cudaError_t e = kernel_for(mats[0], M, sm_count, k);
     if (e != cudaSuccess) return e;
     Batch b{};
     b.count = count;
-    b.plan = plan(mats, count, k.resident);
+    b.plan = plan(mats, count, k.resident, k.chunks);
     for (int i = 0; i < count; i++) {
         b.m[i] = mats[i];
         b.out[i] = outs[i];
@@ -401,11 +509,14 @@ cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const hal
             workspace += (size_t)b.plan.splits[i] * M * mats[i].N;
         }
     }
-    return launch(k.fn, (b.plan.first_item[count] + WARPS - 1) / WARPS, WARPS * 32, k.shared, stream, b, x, M);
+    return launch(k.fn, b.plan.first_block[count], WARPS * 32, k.shared, stream, b, x, M);
 }
 
 cudaError_t qm_dequantize(const QMatrix& w, half* w_t, int n0, int cols, cudaStream_t stream) {
     const dim3 grid((cols + QM_TILE - 1) / QM_TILE, (w.n_chunks + WARPS - 1) / WARPS);
-    dequantize_kernel<<<grid, WARPS * 32, 0, stream>>>(w, w_t, n0, cols);
+    if (w.scale_codes != nullptr)
+        dequantize_kernel<false><<<grid, WARPS * 32, 0, stream>>>(w, w_t, n0, cols);
+    else
+        dequantize_kernel<true><<<grid, WARPS * 32, 0, stream>>>(w, w_t, n0, cols);
     return cudaGetLastError();
 }

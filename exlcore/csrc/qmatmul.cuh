@@ -6,15 +6,15 @@
 #include <cuda_runtime.h>
 
 constexpr int QM_MAX_M = 16;      // rows of x the decode kernel takes
-constexpr int QM_TILE = 64;       // output columns per tile (a warp, two columns per lane)
+constexpr int QM_TILE = 32;       // output columns per tile (a warp: 4 per lane, 4 lanes per column)
 constexpr int QM_MAX_BATCH = 4;   // matrices sharing one input in one launch (q/k/v, gate/up)
 
 // One matrix W (N, K) stored as codes in chunks of 32 (or, at the end of an even-width group, 16) rows.
 struct QMatrix {
-    const uint32_t* q_weight;     // (R, N) packed codes, chunk after chunk (EXL2's and GPTQ's layout, 3-, 5- and
-                                  // 6-bit chunks regrouped: regroup in exlcore/formats/qmatrix.py)
+    const uint32_t* q_weight;     // (R, N) packed codes, chunk after chunk, each chunk's words in lane order
+                                  // (arrange in exlcore/formats/qmatrix.py)
     const int4* chunks;           // per chunk: first q_weight row, bits | rows << 8, group, first pair
-    const uint32_t* pair_rows;    // (K/2,) the input channels of each decoded pair of codes: lo | hi << 16
+    const uint32_t* pair_rows;    // (K/2,) the input channels of each pair of rows: lo | hi << 16
     const uint32_t* scale_codes;  // EXL2: (G, N/8) 4-bit scale codes - 1 ...
     const half* scale_max;        // ... and (G,) q_scale_max
     const half2* scale_zero;      // GPTQ instead: (G, N) (scale, 1024 + zero point)
@@ -22,7 +22,8 @@ struct QMatrix {
     int K, N, n_chunks;
 };
 
-// out_i (M, N_i) fp16 = x (M, K) @ W_i^T for up to QM_MAX_BATCH matrices sharing x, in one launch, M <= 16.
+// out_i (M, N_i) fp16 = x (M, K) @ W_i^T for up to QM_MAX_BATCH matrices sharing x (all EXL2 or all GPTQ), in one
+// launch, M <= 16, on tensor cores (compute capability 8.0 on).
 // Each packed weight is read once. A matrix's counters are left zero on return; a matrix must not be in two
 // launches that run at the same time (two streams).
 cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const half* x, int M, float* workspace,
