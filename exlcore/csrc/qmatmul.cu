@@ -1,13 +1,13 @@
-// Quantized matmul kernels. The decode kernel multiplies on tensor cores: each warp takes one work item, 32
-// output columns over one slice of the matrix's chunks, and a chunk of 32 rows is two k-steps of
+// Quantized matmul kernels. The decode kernel multiplies on tensor cores: a block takes one slice of the matrix's
+// chunks for WARPS * ROW output columns, ROW (two column tiles) per warp, and a chunk of 32 rows is two k-steps of
 // mma.m16n8k16 for each 16-column subtile, W as A (its 16 rows are output columns) and x as B (its 8 columns are
-// rows of x). Lane 4g + t holds the A fragments of columns 4g .. 4g + 3 at k-slot t, the chunk's words in lane
-// order (arrange in exlcore/formats/qmatrix.py), so each word of a chunk is one coalesced 128-byte row per warp.
-// Codes become fp16 (code - zero), exactly, with the 0x6400 exponent trick (1024 + code, or code << S scaled back
-// by an exact fma); the tensor cores sum their products with x in fp32 over a group, and each group's sums are
-// scaled once: a weight is (code - zero) * scale unrounded, where the reference rounds it to fp16.
-// Slices of one column tile are summed by the last warp to finish (a counter per tile), in slice order, so
-// results do not depend on timing, and the output is written once, in fp16.
+// rows of x). Lane 4g + t holds the A fragments of columns 4g .. 4g + 3 of a tile at k-slot t: the chunk's words in
+// lane order (arrange in exlcore/formats/qmatrix.py), copied row by row into shared memory a few chunks ahead
+// (cp.async). Codes become fp16 (code - zero), exactly, with the 0x6400 exponent trick (1024 + code, or code << S
+// scaled back by an exact fma); the tensor cores sum their products with x in fp32 over a group, and each group's
+// sums are scaled once: a weight is (code - zero) * scale unrounded, where the reference rounds it to fp16.
+// Slices of one warp's columns are summed by the last warp to finish (a counter per warp's columns), in slice order,
+// so results do not depend on timing, and the output is written once, in fp16.
 #include <algorithm>
 #include <type_traits>
 #include <utility>
@@ -17,10 +17,12 @@
 
 namespace {
 
-constexpr int WARPS = 4;           // warps per block; each is an independent work item
-constexpr int MIN_CHUNKS = 2;      // chunks per item at least: a split must pay for its partial sums
+constexpr int WARPS = 4;           // warps per block: one slice of x and chunk table, ROW columns each
+constexpr int MIN_CHUNKS = 8;      // chunks per slice at least: a split must pay for its partial sums
 constexpr int MAX_WORDS = 8;       // words per lane and chunk at most (32 rows of 8 bits)
-constexpr int STAGE = MAX_WORDS * 32;  // words of a chunk's stage in shared memory
+constexpr int HALVES = 2;          // column tiles (QM_TILE, the lane order's unit) per warp
+constexpr int ROW = HALVES * QM_TILE;  // words of a chunk row a warp reads: its columns' words, in lane order
+constexpr int STAGE = MAX_WORDS * ROW;  // words of a chunk's stage in shared memory
 constexpr uint32_t MAGIC = 0x64006400u;  // two fp16 1024.0: a code in the low mantissa bits reads 1024 + code
 
 struct Plan {
@@ -28,10 +30,10 @@ struct Plan {
     int first_block[QM_MAX_BATCH + 1];  // the blocks of matrix i are first_block[i] .. first_block[i+1]-1
 };
 
-// A block takes one slice of the chunks of WARPS neighbouring column tiles, a tile per warp.
-int quads_of(const QMatrix& w) { return (w.N + WARPS * QM_TILE - 1) / (WARPS * QM_TILE); }
+// A block takes one slice of the chunks of WARPS * ROW neighbouring columns, ROW per warp.
+int quads_of(const QMatrix& w) { return (w.N + WARPS * ROW - 1) / (WARPS * ROW); }
 
-// Cut the matrices' chunks into as many blocks as the GPU holds at once (`resident`), never more unless
+// Cut the matrices' chunks into slices, for as many blocks as the GPU holds at once (`resident`), never more unless
 // max_chunks per slice forces it (large matrices): a second, part-filled wave would leave most of the GPU idle.
 Plan plan(const QMatrix* mats, int count, int resident, int max_chunks) {
     Plan p{};
@@ -66,11 +68,6 @@ __device__ __forceinline__ void unrolled(F&& f) {
     unrolled(f, std::make_integer_sequence<int, N>{});
 }
 
-// One lane's ROWS / 2 pairs of codes in a chunk, each as two fp16 1024 + (code << S): use(pair, raw bits, S), the
-// pair a compile-time constant. Word j's 16-bit halves each hold 16 / BITS codes at bits BITS * t, a pair (low
-// half, high half) each; the last pairs of 3, 5 and 6 bits go in the bits the halves leave over (encode in
-// exlcore/formats/qmatrix.py). A code masked in place within the 10 mantissa bits is exact (S = its position), so
-// one shift per word serves the codes above them.
 // (x & MASK) | MAGIC in one LOP3, written out: left to itself the compiler splits it in two, as LOP3 takes one
 // constant operand.
 template <uint32_t MASK>
@@ -80,6 +77,11 @@ __device__ __forceinline__ uint32_t masked(uint32_t x) {
     return r;
 }
 
+// One lane's ROWS / 2 pairs of codes in a chunk, each as two fp16 1024 + (code << S): use(pair, raw bits, S), the
+// pair a compile-time constant. Word j's 16-bit halves each hold 16 / BITS codes at bits BITS * t, a pair (low
+// half, high half) each; the last pairs of 3, 5 and 6 bits go in the bits the halves leave over (encode in
+// exlcore/formats/qmatrix.py). A code masked in place within the 10 mantissa bits is exact (S = its position), so
+// one shift per word serves the codes above them.
 template <int BITS, int ROWS, typename F>
 __device__ __forceinline__ void for_pairs(const uint32_t* q, F&& use) {
     using std::integral_constant;
@@ -120,7 +122,7 @@ constexpr uint32_t fp16_bits(int v) {
 }
 
 // A group's parameters for the lane's columns n .. n + 3, as loaded: EXL2's four 4-bit scale codes (the low 16 bits)
-// and q_scale_max; GPTQ's (scale, 1024 + zero point) of each column. Loaded with the chunk's codes, a chunk ahead.
+// and q_scale_max; GPTQ's (scale, 1024 + zero point) of each column.
 struct GroupRaw {
     uint32_t v[4];
 };
@@ -168,15 +170,15 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t* a, uint32_t b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One chunk into its group's fp32 sums: sums[nt][s] += W(subtile s) x^T(rows 8 nt .. 8 nt + 7), k-step by k-step.
-// xb[nt] is the lane's row of x (row 8 nt + g) in decode order at the chunk's first pair.
-// q is the lane's first word in the chunk's stage (rows of 32 words).
+// One chunk of one column tile into its group's fp32 sums: sums[nt][s] += W(subtile s) x^T(rows 8 nt .. 8 nt + 7),
+// k-step by k-step. `stage` is the lane's first word in the chunk's stage (rows of ROW words), xb[nt] the lane's row
+// of x (row 8 nt + g) in decode order at the chunk's first pair.
 template <int BITS, int ROWS, bool GPTQ, int NT>
 __device__ __forceinline__ void mma_chunk(const uint32_t* stage, const GroupRaw& g, const half2* const (&xb)[NT],
                                           int t, float (&sums)[NT][2][4]) {
     uint32_t q[ROWS * BITS / 32], a[ROWS / 2];
 #pragma unroll
-    for (int j = 0; j < ROWS * BITS / 32; j++) q[j] = stage[32 * j];
+    for (int j = 0; j < ROWS * BITS / 32; j++) q[j] = stage[ROW * j];
     for_pairs<BITS, ROWS>(q, [&](auto p, uint32_t raw, auto S) { a[p] = centred<BITS, GPTQ, p, S>(raw, g); });
 #pragma unroll
     for (int e = 0; e < ROWS / 16; e++)
@@ -188,31 +190,33 @@ __device__ __forceinline__ void mma_chunk(const uint32_t* stage, const GroupRaw&
         }
 }
 
-// A lane's share of copying one chunk into a stage asynchronously (cp.async, streamed past L1): 16 bytes of rows j
-// and j + 4 (j = lane / 8) of the chunk's rows of 32 lane-order words, words past N filled with zeros.
+// A lane's share of copying one chunk into a stage asynchronously (cp.async, streamed past L1): 16 bytes of rows j,
+// j + STEP, .. (j = lane / (ROW / 4)) of the warp's rows of ROW lane-order words, words past N filled with zeros.
+constexpr int STEP = 32 / (ROW / 4);  // rows per copy instruction of a warp
+
 struct Fetch {
-    uint64_t src;          // the lane's 16 bytes of row j of a chunk starting at q_weight row 0 (global address)
-    unsigned four_rows;    // words from row j to row j + 4
-    unsigned dst;          // its place in stage 0 (shared address)
+    uint64_t src;         // the lane's 16 bytes of row j of a chunk starting at q_weight row 0 (global address)
+    unsigned step_rows;   // words from row j to row j + STEP
+    unsigned dst;         // its place in stage 0 (shared address)
     int j, bytes;
 };
 
-__device__ __forceinline__ Fetch fetch_for(const QMatrix& w, int tile, int lane, const uint32_t* stage0) {
-    const int j = lane / 8, col = tile * QM_TILE + 4 * (lane % 8);
-    return {reinterpret_cast<uint64_t>(w.q_weight + (size_t)j * w.N + (col < w.N ? col : 0)), 4u * w.N,
-            static_cast<unsigned>(__cvta_generic_to_shared(stage0 + j * 32 + 4 * (lane % 8))), j, col < w.N ? 16 : 0};
+__device__ __forceinline__ Fetch fetch_for(const QMatrix& w, int wtile, int lane, const uint32_t* stage0) {
+    const int j = lane / (ROW / 4), piece = 4 * (lane % (ROW / 4)), col = wtile * ROW + piece;
+    return {reinterpret_cast<uint64_t>(w.q_weight + (size_t)j * w.N + (col < w.N ? col : 0)), unsigned(STEP * w.N),
+            static_cast<unsigned>(__cvta_generic_to_shared(stage0 + j * ROW + piece)), j, col < w.N ? 16 : 0};
 }
 
 // The chunk whose first word is `offset` (its row * N) and has `words` rows, into the stage `stage` bytes past
 // stage 0. The addresses are one 32 x 32 -> 64-bit multiply-add each.
 __device__ __forceinline__ void fetch_chunk(const Fetch& f, unsigned offset, int words, unsigned stage) {
 #pragma unroll
-    for (int k = 0; k < MAX_WORDS / 4; k++) {
-        if (f.j + 4 * k < words) {
+    for (int k = 0; k < MAX_WORDS / STEP; k++) {
+        if (f.j + STEP * k < words) {
             uint64_t src;
-            asm("mad.wide.u32 %0, %1, 4, %2;" : "=l"(src) : "r"(offset + k * f.four_rows), "l"(f.src));
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(f.dst + stage + k * 512), "l"(src),
-                         "r"(f.bytes));
+            asm("mad.wide.u32 %0, %1, 4, %2;" : "=l"(src) : "r"(offset + k * f.step_rows), "l"(f.src));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(f.dst + stage + k * STEP * ROW * 4),
+                         "l"(src), "r"(f.bytes));
         }
     }
 }
@@ -250,12 +254,11 @@ __device__ __forceinline__ void with_layout(int4 ch, F&& f) {
     }
 }
 
-// Up to MAXM rows of x (NT n-tiles of 8). The lane's sums acc[nt][s][i] are column n + 2s + i / 2 (n = its first
-// column) and row of x 8 nt + 2t + i % 2, as mma.m16n8k16 lays out its D fragment.
-template <bool GPTQ, int MAXM>
+// The decode kernel's sizes for up to MAXM rows of x.
+template <int MAXM>
 struct Shape {
     static constexpr int NT = (MAXM + 7) / 8;  // n-tiles of 8 rows of x
-    static constexpr int STAGES = MAXM == 1 ? 6 : MAXM <= 4 ? 4 : 3;  // chunks in shared memory, all but one in flight
+    static constexpr int STAGES = MAXM <= 4 ? 3 : 2;  // chunks in shared memory, all but one in flight
     static constexpr int CHUNKS = 32;          // chunks per slice at most
     static constexpr int XS = CHUNKS * 16;     // pairs of x per row of x
     static constexpr int XS_STRIDE = XS + 4;   // rows of x 4 banks apart: 8 rows' pair t (a B fragment) hit 32 banks
@@ -263,12 +266,13 @@ struct Shape {
     static constexpr int SHARED = (CHUNKS * 4 + MAXM * XS_STRIDE + WARPS * STAGES * STAGE) * 4;  // bytes
 };
 
-// Up to MAXM rows of x (NT n-tiles of 8). The lane's sums acc[nt][s][i] are column n + 2s + i / 2 (n = its first
-// column) and row of x 8 nt + 2t + i % 2, as mma.m16n8k16 lays out its D fragment.
+// Up to MAXM rows of x (NT n-tiles of 8), ROW columns per warp: HALVES column tiles, the lane's 4 columns of each
+// from n[h]. Its sums acc[h][nt][s][i] are column n[h] + 2s + i / 2 and row of x 8 nt + 2t + i % 2, as
+// mma.m16n8k16 lays out its D fragment.
 template <bool GPTQ, int MAXM>
 __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant__ Batch b, const half* __restrict__ x,
                                                          int M) {
-    using Sh = Shape<GPTQ, MAXM>;
+    using Sh = Shape<MAXM>;
     constexpr int NT = Sh::NT, STAGES = Sh::STAGES, XS = Sh::XS, XS_STRIDE = Sh::XS_STRIDE, THREADS = WARPS * 32;
     extern __shared__ int4 shared[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -277,11 +281,18 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     while (blockIdx.x >= b.plan.first_block[mi + 1]) mi++;
     const QMatrix& w = b.m[mi];
     const int splits = b.plan.splits[mi], local = blockIdx.x - b.plan.first_block[mi];
-    const int tile = local / splits * WARPS + warp, split = local % splits;
-    // N is a multiple of 8: a lane's 4 columns all exist or none do. Lanes past the end read the tile's first
-    // lane's parameters, and write nothing; warps past the end stop once the block's x is in.
-    const bool tile_live = tile * QM_TILE < w.N, live = tile * QM_TILE + lane < w.N;
-    const int n = tile * QM_TILE + (live ? 4 * g : 0);
+    const int wtile = local / splits * WARPS + warp, split = local % splits;
+    // N is a multiple of 8: a lane's 4 columns of a tile all exist or none do. Lanes past the end read their tile's
+    // first lane's parameters (or the matrix's), and write nothing; warps past the end stop once the block's x is in.
+    const bool warp_live = wtile * ROW < w.N;
+    bool live[HALVES];
+    int n[HALVES];
+#pragma unroll
+    for (int h = 0; h < HALVES; h++) {
+        const int tile = wtile * HALVES + h;
+        live[h] = tile * QM_TILE + lane < w.N;
+        n[h] = live[h] ? tile * QM_TILE + 4 * g : tile * QM_TILE < w.N ? tile * QM_TILE : 0;
+    }
     const int per = (w.n_chunks + splits - 1) / splits, c0 = split * per, count = min(per, w.n_chunks - c0);
     int4* table = shared;  // chunk c of the slice: first word, bits | rows << 8 | words << 16, group, first pair
     half2* xs = reinterpret_cast<half2*>(table + Sh::CHUNKS);  // from the slice's
@@ -302,10 +313,10 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
         r[i] = k < pairs ? __ldg(w.pair_rows + pair0 + k) : 0;
     }
     __syncthreads();
-    const Fetch fetch = fetch_for(w, tile, lane, stages);
+    const Fetch fetch = fetch_for(w, wtile, lane, stages);
 #pragma unroll
     for (int c = 0; c < STAGES - 1; c++) {
-        if (tile_live && c < count) fetch_chunk(fetch, table[c].x, table[c].y >> 16, c * STAGE * 4);
+        if (warp_live && c < count) fetch_chunk(fetch, table[c].x, table[c].y >> 16, c * STAGE * 4);
         fetch_commit();
     }
     dependency_wait();
@@ -319,15 +330,17 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
         }
     }
     __syncthreads();
-    if (!tile_live) return;
+    if (!warp_live) return;
     const half2* x_row[NT];  // the lane's B column: row 8 nt + g of x (rows past M repeat the last; never stored)
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) x_row[nt] = xs + min(8 * nt + g, M - 1) * XS_STRIDE;
 
-    float acc[NT][2][4] = {}, sums[NT][2][4] = {};
+    float acc[HALVES][NT][2][4] = {}, sums[HALVES][NT][2][4] = {};
     int4 ch = table[0];
     // The group's parameters: EXL2's are needed only once its last chunk is in, GPTQ's (zero points) at once.
-    GroupRaw group = load_group<GPTQ>(w, ch.z, n);
+    GroupRaw group[HALVES];
+#pragma unroll
+    for (int h = 0; h < HALVES; h++) group[h] = load_group<GPTQ>(w, ch.z, n[h]);
     int stage = 0, stage_fetch = (STAGES - 1) * STAGE * 4;  // chunk c's stage (words), chunk c + STAGES - 1's (bytes)
     for (int c = 0; c < count; c++) {
         // Chunk c has landed (at most STAGES - 2 younger groups pending) and every lane is past reading chunk
@@ -344,74 +357,81 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) xb[nt] = x_row[nt] + ch.w;
         with_layout<GPTQ>(ch, [&](auto bits, auto rows) {
-            mma_chunk<bits.value, rows.value, GPTQ, NT>(stages + stage + lane, group, xb, t, sums);
+#pragma unroll
+            for (int h = 0; h < HALVES; h++)
+                mma_chunk<bits.value, rows.value, GPTQ, NT>(stages + stage + h * QM_TILE + lane, group[h], xb, t, sums[h]);
         });
         stage = stage == (STAGES - 1) * STAGE ? 0 : stage + STAGE;
         const int4 ch_next = table[min(c + 1, count - 1)];
         if (c + 1 == count || ch_next.z != ch.z) {  // the group's last chunk in this slice: scale its sums
-            float scale[4];
 #pragma unroll
-            for (int i = 0; i < 4; i++) scale[i] = __half2float(scale_of<GPTQ>(group, i));
+            for (int h = 0; h < HALVES; h++) {
+                float scale[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) scale[i] = __half2float(scale_of<GPTQ>(group[h], i));
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int s = 0; s < 2; s++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            acc[h][nt][s][i] += sums[h][nt][s][i] * scale[2 * s + i / 2];
+                            sums[h][nt][s][i] = 0.f;
+                        }
+                group[h] = load_group<GPTQ>(w, ch_next.z, n[h]);
+            }
+        }
+        ch = ch_next;
+    }
+
+    // f(row of x, column, its two sums: this column and the next) for each of the lane's sums that exists.
+    const auto for_outputs = [&](auto&& f) {
+#pragma unroll
+        for (int h = 0; h < HALVES; h++)
 #pragma unroll
             for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                 for (int s = 0; s < 2; s++)
 #pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        acc[nt][s][i] += sums[nt][s][i] * scale[2 * s + i / 2];
-                        sums[nt][s][i] = 0.f;
-                    }
-            group = load_group<GPTQ>(w, ch_next.z, n);
-        }
-        ch = ch_next;
-    }
-
-    // f(row of x, column pair's offset from n, its two sums) for each of the lane's sums that exists.
-    const auto for_outputs = [&](auto&& f) {
-        if (!live) return;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int s = 0; s < 2; s++)
-#pragma unroll
-                for (int i = 0; i < 2; i++)
-                    if (8 * nt + 2 * t + i < M) f(8 * nt + 2 * t + i, 2 * s, acc[nt][s][i], acc[nt][s][2 + i]);
+                    for (int i = 0; i < 2; i++)
+                        if (live[h] && 8 * nt + 2 * t + i < M)
+                            f(8 * nt + 2 * t + i, n[h] + 2 * s, acc[h][nt][s][i], acc[h][nt][s][2 + i]);
     };
     half* out = b.out[mi];
     if (splits == 1) {
-        for_outputs([&](int m, int dn, float v0, float v1) {
-            *reinterpret_cast<half2*>(out + (size_t)m * w.N + n + dn) = __floats2half2_rn(v0, v1);
+        for_outputs([&](int m, int col, float v0, float v1) {
+            *reinterpret_cast<half2*>(out + (size_t)m * w.N + col) = __floats2half2_rn(v0, v1);
         });
         return;
     }
     float* partial = b.partial[mi];
-    for_outputs([&](int m, int dn, float v0, float v1) {
-        __stcg(reinterpret_cast<float2*>(partial + ((size_t)split * M + m) * w.N + n + dn), make_float2(v0, v1));
+    for_outputs([&](int m, int col, float v0, float v1) {
+        __stcg(reinterpret_cast<float2*>(partial + ((size_t)split * M + m) * w.N + col), make_float2(v0, v1));
     });
     __threadfence();  // this slice's sums are visible everywhere before it is counted
     __syncwarp();
-    int* counter = w.counters + tile;
+    int* counter = w.counters + wtile;
     int done = 0;
     if (lane == 0) done = atomicAdd(counter, 1);
     done = __shfl_sync(0xFFFFFFFFu, done, 0);
     if (done != splits - 1) return;
     __syncwarp();
     __threadfence();  // the last slice in: every other slice's sums are visible now
-    for_outputs([&](int m, int dn, float, float) {
+    for_outputs([&](int m, int col, float, float) {
         float2 s = make_float2(0.f, 0.f);
 #pragma unroll 8
         for (int k = 0; k < splits; k++) {
-            const float2 v = __ldcg(reinterpret_cast<const float2*>(partial + ((size_t)k * M + m) * w.N + n + dn));
+            const float2 v = __ldcg(reinterpret_cast<const float2*>(partial + ((size_t)k * M + m) * w.N + col));
             s.x += v.x;
             s.y += v.y;
         }
-        *reinterpret_cast<half2*>(out + (size_t)m * w.N + n + dn) = __floats2half2_rn(s.x, s.y);
+        *reinterpret_cast<half2*>(out + (size_t)m * w.N + col) = __floats2half2_rn(s.x, s.y);
     });
     if (lane == 0) *counter = 0;  // ready for the next launch (CUDA graphs replay the same counters)
 }
 
-// One chunk's weights for the lane's columns, exactly as the reference: half(code - zero) * scale. Pairs p, p + 1
-// (h = 0, 1) are columns n + 2s, n + 2s + 1 at the same rows, stored together.
+// One chunk's weights for the lane's columns, exactly as the reference: half(code - zero) * scale. Pairs e * 8 +
+// s * 4 + slot * 2 + h of one (e, slot) are columns n .. n + 3 (2s + h) at the same two rows, stored together.
 template <int BITS, int ROWS, bool GPTQ>
 __device__ __forceinline__ void dequantize_chunk(const QMatrix& w, int4 ch, int word, int n, int t,
                                                  half* __restrict__ w_t, int n0, int cols) {
@@ -423,12 +443,16 @@ __device__ __forceinline__ void dequantize_chunk(const QMatrix& w, int4 ch, int 
     for (int i = 0; i < 4; i++) scale[i] = __half2half2(scale_of<GPTQ>(group, i));
     uint32_t a[ROWS / 2];
     for_pairs<BITS, ROWS>(q, [&](auto p, uint32_t raw, auto S) { a[p] = centred<BITS, GPTQ, p, S>(raw, group); });
-    unrolled<ROWS / 4>([&](auto i) {
-        constexpr int p = 2 * i, e = p >> 3, s = p >> 2 & 1, slot = p >> 1 & 1;
-        const half2 w0 = __hmul2(as_half2(a[p]), scale[2 * s]), w1 = __hmul2(as_half2(a[p + 1]), scale[2 * s + 1]);
+    unrolled<ROWS / 8>([&](auto i) {
+        constexpr int e = i / 2, slot = i % 2, p = e * 8 + slot * 2;
+        half2 v[4];  // columns n + c, both rows
+#pragma unroll
+        for (int c = 0; c < 4; c++) v[c] = __hmul2(as_half2(a[p + (c / 2) * 4 + c % 2]), scale[c]);
         const uint32_t rows = __ldg(w.pair_rows + ch.w + 8 * e + 4 * slot + t);
-        *reinterpret_cast<half2*>(w_t + (size_t)(rows & 0xFFFF) * cols + n + 2 * s - n0) = __lows2half2(w0, w1);
-        *reinterpret_cast<half2*>(w_t + (size_t)(rows >> 16) * cols + n + 2 * s - n0) = __highs2half2(w0, w1);
+        *reinterpret_cast<uint2*>(w_t + (size_t)(rows & 0xFFFF) * cols + n - n0) =
+            make_uint2(bits_of(__lows2half2(v[0], v[1])), bits_of(__lows2half2(v[2], v[3])));
+        *reinterpret_cast<uint2*>(w_t + (size_t)(rows >> 16) * cols + n - n0) =
+            make_uint2(bits_of(__highs2half2(v[0], v[1])), bits_of(__highs2half2(v[2], v[3])));
     });
 }
 
@@ -454,8 +478,8 @@ struct Kernel {
 template <bool GPTQ, int MAXM>
 cudaError_t prepare(int sm_count, Kernel& k) {
     k.fn = gemv_kernel<GPTQ, MAXM>;
-    k.shared = Shape<GPTQ, MAXM>::SHARED;
-    k.chunks = Shape<GPTQ, MAXM>::CHUNKS;
+    k.shared = Shape<MAXM>::SHARED;
+    k.chunks = Shape<MAXM>::CHUNKS;
     const int blocks = once_per_device(reinterpret_cast<const void*>(k.fn), [&] {
         cudaError_t e = k.shared > 48 * 1024
                             ? cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.shared)

@@ -6,7 +6,7 @@
 #include <cuda_runtime.h>
 
 constexpr int QM_MAX_M = 16;      // rows of x the decode kernel takes
-constexpr int QM_TILE = 32;       // output columns per tile (a warp: 4 per lane, 4 lanes per column)
+constexpr int QM_TILE = 32;       // columns per tile of the lane order (4 per lane, 4 lanes per column)
 constexpr int QM_MAX_BATCH = 4;   // matrices sharing one input in one launch (q/k/v, gate/up)
 
 // One matrix W (N, K) stored as codes in chunks of 32 (or, at the end of an even-width group, 16) rows.
@@ -18,7 +18,7 @@ struct QMatrix {
     const uint32_t* scale_codes;  // EXL2: (G, N/8) 4-bit scale codes - 1 ...
     const half* scale_max;        // ... and (G,) q_scale_max
     const half2* scale_zero;      // GPTQ instead: (G, N) (scale, 1024 + zero point)
-    int* counters;                // (ceil(N / QM_TILE),) zero: slices of each column tile finished so far
+    int* counters;                // (ceil(N / QM_TILE),) zero: slices finished so far, one per warp's columns
     int K, N, n_chunks;
 };
 

@@ -17,7 +17,7 @@ import torch
 
 from exlcore.formats import exl2, gptq
 
-TILE = 32  # output columns per warp (QM_TILE in csrc/qmatmul.cuh)
+TILE = 32  # columns of one lane-order tile (QM_TILE in csrc/qmatmul.cuh)
 
 
 def tables(bits: list[int], rows: list[int], starts: list[int], perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
