@@ -18,7 +18,7 @@ def lane_pairs(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     w = words.to(torch.int64) & 0xFFFFFFFF
     per_half, mask = 16 // bits, (1 << bits) - 1
     pairs = torch.zeros(rows // 2, 2, w.shape[1], dtype=torch.int64)
-    regular = min(rows // 2, w.shape[0] * per_half)
+    regular = w.shape[0] * per_half
     for p in range(regular):
         j, t = divmod(p, per_half)
         pairs[p, 0], pairs[p, 1] = w[j] >> bits * t & mask, w[j] >> 16 + bits * t & mask

@@ -53,7 +53,7 @@ def encode(codes: torch.Tensor, bits: int) -> torch.Tensor:
     12 + 2 * (k % 2) of word 2 * words / 3 + k // 2's."""
     rows = codes.shape[0]
     n_words, per_half = rows * bits // 32, 16 // bits
-    regular = min(rows // 2, n_words * per_half)
+    regular = n_words * per_half  # all pairs for 2, 4 and 8 bits
     words = torch.zeros(n_words, codes.shape[1], dtype=torch.int64, device=codes.device)
     for p in range(regular):
         j, t = divmod(p, per_half)
