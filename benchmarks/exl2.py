@@ -19,6 +19,7 @@ the head at 6 bits as exllamav2's default -hb 6 makes it). Both libraries load t
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -113,6 +114,42 @@ def timed(fn, repeats=3) -> float:
     return statistics.median(times)
 
 
+def decode_profile(g: "exlcore.Generator", prompt: list[int], steps: int = 16) -> str:
+    """Where a batch-1 decode step's GPU time goes: each kernel's share of the timeline (its end minus the end of
+    the kernel before, as kernels overlap under programmatic launch), per step, from torch.profiler; and the GPU's
+    idle time before it (the host's sampling and launches)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in g.tokens(prompt, 4, temperature=0, stop_ids=set()):  # the prompt is cached: one eager token
+        pass
+    start, token = g.cache.length, prompt[0]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):  # the generator's greedy step: graph replay, argmax, read back
+            token = int(g.graphs.step(token)[0, -1].argmax())
+    g.cache.truncate(start)
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    per_step = len(kernels) // steps
+    matmuls = ["q/k/v", "o", "gate/up", "down"]
+    share, calls, idle, end = {}, {}, {}, kernels[0].time_range.start
+    for i, e in enumerate(kernels):
+        name = re.sub(r"^void |\(anonymous namespace\)::|\(.*$|<.*$", "", e.name)[:40]
+        if name == "gemv_kernel":
+            k = sum("gemv_kernel" in k.name for k in kernels[i - i % per_step:i])
+            name = f"matmul {matmuls[k % 4] if k < 4 * len(g.model.layers) else 'head'}"
+        share[name] = share.get(name, 0.0) + max(0.0, e.time_range.end - max(e.time_range.start, end))
+        calls[name] = calls.get(name, 0) + 1
+        idle[name] = idle.get(name, 0.0) + max(0.0, e.time_range.start - end)
+        end = max(end, e.time_range.end)
+    total = (end - kernels[0].time_range.start) / steps
+    lines = [f"decode step: {total:.0f} us on the GPU timeline, {sum(idle.values()) / steps:.0f} us of it idle",
+             "| kernel | calls/step | us/step | share | idle before, us/step |", "|---|---:|---:|---:|---:|"]
+    for name, us in sorted(share.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {name} | {calls[name] / steps:g} | {us / steps:.1f} | {us / steps / total:.1%} | "
+                     f"{idle[name] / steps:.1f} |")
+    return "\n".join(lines)
+
+
 def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -129,12 +166,7 @@ def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: b
         prompt = prompt[1:] + prompt[:1]  # a new prompt: no cached prefix
     r["decode_1"] = g.stats.decode_tokens_per_second
     if profile:
-        from torch.profiler import ProfilerActivity, profile as profiler
-
-        with profiler(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in g.tokens(prompt, 16, temperature=0, stop_ids=set()):
-                pass
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+        print(decode_profile(g, prompt), flush=True)
     for batch in (4, 16):
         ids = torch.randint(0, vocab, (batch, 128), generator=gen).cuda()
 

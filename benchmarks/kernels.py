@@ -15,6 +15,7 @@ from exl2 import BODY, HEAD, SHAPE, random_exl2
 
 from exlcore.ext import extension
 from exlcore.formats.qmatrix import QMatmul, matmul
+from exlcore.rope import RopeConfig, Rotary
 
 REPEATS = 50
 
@@ -61,9 +62,13 @@ def main():
     counters = torch.zeros(heads, dtype=torch.int32, device="cuda")
     for kv_len, position in ((256, 200), (2048, 2000), (8192, 8000)):
         qh = torch.randn(1, heads, d, device="cuda").half()
+        kv_new = torch.randn(2, 1, kv_heads, d, device="cuda").half()
         cache = torch.randn(2, 1, kv_heads, kv_len, d, device="cuda").half()
+        rotary = Rotary(RopeConfig(theta=500000.0), d)
+        rotary.prepare(kv_len, torch.device("cuda"))
         pos = torch.tensor([position], device="cuda")
-        t = graph_time(lambda: ext.decode_attention(qh, cache[0], cache[1], pos, kv_len, 0, d**-0.5, 0.0, counters))
+        t = graph_time(lambda: ext.decode_attention(qh, kv_new[0], kv_new[1], cache[0], cache[1], rotary.cos, rotary.sin,
+                                                    pos, kv_len, 0, d**-0.5, 0.0, counters))
         size = 2 * kv_heads * (position + 1) * d * 2  # the visible keys and values, fp16
         print(f"| decode attention, {position + 1} keys | 1 | {t * 1e6:.1f} | {size / t / 1e9:.0f} | "
               f"{size / t / COPY_BANDWIDTH:.0%} |")

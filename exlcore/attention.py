@@ -1,6 +1,6 @@
 """Multi-head attention with grouped KV heads, with the variants the architectures need: sliding window,
 logit soft-capping, QK norm and a custom query scale. Prefill runs on torch SDPA; single-token decode on CUDA
-runs the extension's fused kernel; elsewhere decode and soft-capped layers take an explicit path that needs no
+runs the extension's fused kernel (rotary, cache write and attention); elsewhere decode and soft-capped layers take an explicit path that needs no
 repeated KV heads. Both decode paths capture into CUDA graphs."""
 
 from dataclasses import dataclass, field
@@ -72,16 +72,18 @@ class Attention(nn.Module):
         v = v.view(B, T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        ext = on(q)
+        fused = self.head_dim <= MAX_FUSED_HEAD_DIM and self.head_dim * q.element_size() % 16 == 0
+        if step.cache is not None and T == 1 and ext is not None and fused:
+            # One kernel for the decode step's attention, with its rotary and cache write, split over the keys.
+            tables = (self.rotary.cos, self.rotary.sin) if self.rotary is not None else (None, None)
+            out = ext.decode_attention(q.reshape(B, self.heads, self.head_dim),
+                                       k.reshape(B, self.kv_heads, self.head_dim),
+                                       v.reshape(B, self.kv_heads, self.head_dim), step.cache.k[self.layer],
+                                       step.cache.v[self.layer], *tables, step.positions[:, 0], step.kv_len,
+                                       self.window or 0, self.scale, self.softcap or 0.0, step.cache.counters)
+            return self.o(out.view(B, 1, self.heads * self.head_dim))
         q, k, v = self.rotate_and_store(q, k, v, step)
-        if step.cache is not None:
-            ext = on(q)
-            # One kernel for the decode step's attention, split over the keys.
-            fused = self.head_dim <= MAX_FUSED_HEAD_DIM and self.head_dim * q.element_size() % 16 == 0
-            if T == 1 and ext is not None and fused:
-                out = ext.decode_attention(q.reshape(B, self.heads, self.head_dim), step.cache.k[self.layer],
-                                           step.cache.v[self.layer], step.positions[:, 0], step.kv_len,
-                                           self.window or 0, self.scale, self.softcap or 0.0, step.cache.counters)
-                return self.o(out.view(B, 1, self.heads * self.head_dim))
         sdpa = self.softcap is None and T > 1
         mask = step.mask(self.window, is_causal_available=sdpa)
         if sdpa:

@@ -45,6 +45,23 @@ def test_matmul_matches_reference(ext, mix, m):
     assert float((got - expected).norm() / expected.norm()) < 2e-3
 
 
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+@pytest.mark.parametrize("act", [0, 1], ids=["silu", "gelu"])
+def test_gated_matmul(ext, act, m):
+    """matmul with `up`: act(x) * up as the input, computed as the decode kernel gathers x (M <= 16) or by act_mul
+    first (prefill): the same bits as act_mul and a plain matmul, and the reference within tolerance."""
+    lin = random_linear(MIXES["4/3 g128"], n=224, seed=m + act)
+    k = lin.codes.shape[0]
+    kernel = QMatmul.exl2(ext, {s: v.cuda() for s, v in lin.pack().items()}, "down", k, 224)
+    g = torch.Generator().manual_seed(m)
+    gate, up = (torch.randn(2, m, k, generator=g) * 3).half().cuda()
+    x = ext.act_mul(gate, up, act)
+    got = matmul([kernel], gate, up, act)[0]
+    assert torch.equal(got, kernel(x))
+    expected = x.double().cpu() @ lin.dequantize().double().T
+    assert float((got.double().cpu() - expected).norm() / expected.norm()) < 2e-3
+
+
 def test_padded_head_and_batched_input(ext):
     """An lm_head whose vocab (200) is padded to 224 in the file: the padding never shows."""
     lin = random_linear(MIXES["4/3 g128"], n=224, seed=9)
@@ -251,29 +268,47 @@ def test_act_mul(ext, dtype, act):
 @pytest.mark.parametrize("heads,kv_heads,dim,window,softcap,kv_len", [
     (4, 4, 64, 0, 0.0, 256), (8, 2, 128, 0, 0.0, 1000), (9, 3, 64, 7, 0.0, 256), (4, 2, 256, 0, 20.0, 1000),
     (8, 1, 128, 300, 0.0, 1000), (24, 2, 80, 0, 0.0, 100), (4, 2, 64, 0, 0.0, 32), (8, 2, 128, 5, 0.0, 17),
-    (4, 4, 64, 0, 0.0, 1),
+    (4, 4, 64, 0, 0.0, 1), (8, 2, 128, 0, 0.0, 5000),
 ])
-def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap, kv_len):
-    """Split over keys in blocks of 32 to 512 keys (kv_len 32 or less: one block, which writes the output itself),
-    with splits that see no key, windows that cross splits, and groups of query heads over 8 (taken in slices).
-    Twice: the kernel must leave its counters at zero."""
+@pytest.mark.parametrize("rotary", [True, False], ids=["rotary", "no-rotary"])
+def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap, kv_len, rotary):
+    """The new token's q and k rotated and its k and v written to the caches at its position (the same bits as
+    rotary_ and a copy; nothing else in the caches changes), then attention split over keys in blocks of 32 and
+    more (kv_len 32 or less: one block, which writes the output itself), with splits that see no key, windows that
+    cross splits, and groups of query heads over 8 (taken in slices). Twice: the kernel must leave its counters
+    at zero."""
     from exlcore.attention import explicit_attention
+    from exlcore.rope import RopeConfig, Rotary
 
     B, S = 3, kv_len + 64
-    q = torch.randn(B, heads, dim, dtype=dtype)
-    k, v = torch.randn(B, kv_heads, S, dim, dtype=dtype), torch.randn(B, kv_heads, S, dim, dtype=dtype)
+    g = torch.Generator().manual_seed(kv_len * 1000 + heads * 10 + dim)
+    q = torch.randn(B, heads, dim, generator=g).to(dtype)
+    k_new, v_new = torch.randn(2, B, kv_heads, dim, generator=g).to(dtype)
+    k, v = torch.randn(2, B, kv_heads, S, dim, generator=g).to(dtype)
     positions = torch.tensor([0, kv_len // 2, kv_len - 1])
+    tables, q_rot, k_rot = (None, None), q.cuda(), k_new.cuda()
+    if rotary:
+        rope = Rotary(RopeConfig(theta=10000.0), dim)
+        rope.prepare(S, torch.device("cuda"))
+        tables = (rope.cos, rope.sin)
+        for x in (q_rot, k_rot):
+            ext.rotary_(x[:, None], rope.cos, rope.sin, positions[:, None].cuda())
+    k_expected, v_expected = k.clone(), v.clone()
+    k_expected[torch.arange(B), :, positions] = k_rot.cpu()
+    v_expected[torch.arange(B), :, positions] = v_new
     j = torch.arange(kv_len)
     mask = j <= positions[:, None]
     if window:
         mask &= j > positions[:, None] - window
     scale = dim**-0.5
-    expected = explicit_attention(q.double()[:, :, None], k[:, :, :kv_len].double(), v[:, :, :kv_len].double(),
-                                  mask[:, None, None], scale, softcap or None)[:, :, 0]
+    expected = explicit_attention(q_rot.cpu().double()[:, :, None], k_expected[:, :, :kv_len].double(),
+                                  v_expected[:, :, :kv_len].double(), mask[:, None, None], scale, softcap or None)[:, :, 0]
     counters = torch.zeros(B * heads, dtype=torch.int32, device="cuda")
     for _ in range(2):
-        got = ext.decode_attention(q.cuda(), k.cuda(), v.cuda(), positions.cuda(), kv_len, window, scale, softcap,
-                                   counters)
+        k_cache, v_cache = k.cuda(), v.cuda()
+        got = ext.decode_attention(q.cuda(), k_new.cuda(), v_new.cuda(), k_cache, v_cache, *tables, positions.cuda(),
+                                   kv_len, window, scale, softcap, counters)
+        assert torch.equal(k_cache.cpu(), k_expected) and torch.equal(v_cache.cpu(), v_expected)
         assert rel(got, expected) < TOL[dtype]
         assert not counters.any()
 

@@ -1,24 +1,29 @@
-// Decode attention split over the keys (flash-decoding). A block takes 32 to 512 keys of one KV head for up to
-// DA_GROUP of its query heads, so each key and value row is read once per group, not once per query head:
-//   scores  four threads per key, each a quarter of its row in 16-byte loads, dotted with every query head;
+// Decode attention split over the keys (flash-decoding), with the step's rotary embedding and KV-cache write. A
+// block takes 32 to 128 keys of one KV head for up to DA_GROUP of its query heads, so each key and value row is
+// read once per group, not once per query head:
+//   stage   the block's cached keys and values copied into shared memory (cp.async) before the kernel waits for
+//           the one before it: only the new token's q, k and v come after, rotated here (and the new k and v
+//           written to the cache by one block per KV head);
+//   scores  four threads per key, each a quarter of its row in 16-byte pieces, dotted with every query head;
 //   softmax max and sum over the block's keys, per head;
 //   values  each warp sums a quarter of the keys' rows (lanes over dimensions), added up in shared memory.
 // Blocks leave their unnormalised output with its max and sum; the last block of a group to finish (a counter
 // per group, reset by that block) combines them in split order, so results do not depend on timing. Blocks take
-// 32 to 512 keys, for about 16 splits: many blocks for short contexts, a short combine for long ones.
+// 32 keys and more, for about 16 splits, up to what STAGE_BYTES of shared memory holds.
 #include <algorithm>
 #include <cmath>
 
 #include "attention.cuh"
 #include "convert.cuh"
 #include "launch.cuh"
+#include "elementwise.cuh"
 
 namespace {
 
 constexpr int THREADS = 128, WARPS = THREADS / 32;
 constexpr int PARTS = 4;                       // threads per key when scoring
 constexpr int PASS = THREADS / PARTS;          // keys scored at once
-constexpr int MAX_KEYS = 4 * THREADS;          // keys per block at most
+constexpr int STAGE_BYTES = 64 * 1024;         // the staged keys and values at most
 constexpr int BATCH = 8;                       // loads in flight per thread (scores, combine)
 constexpr int SPLITS = 16;                     // splits to aim for: enough blocks, a short combine
 
@@ -32,63 +37,120 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Element d (of D) of a head's row rotated by the position's table rows c, s; as it is without tables.
+template <typename T>
+__device__ __forceinline__ float rotated(const T* row, int d, int D, const float* c, const float* s) {
+    const float x = to_float(row[d]);
+    if (c == nullptr) return x;
+    const bool first = d < D / 2;
+    return rope(x, to_float(row[first ? d + D / 2 : d - D / 2]), c[d], s[d], first);
+}
+
+// 16-byte asynchronous copy global -> shared.
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+                 "l"(src));
+}
+
 template <typename T, int MAX_D>
 __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
+    const T* __restrict__ q, const T* __restrict__ k_new, const T* __restrict__ v_new, T* __restrict__ k,
+    T* __restrict__ v, const float* __restrict__ cos, const float* __restrict__ sin, T* __restrict__ out,
     const int64_t* __restrict__ positions, int H, int KVH, int S, int D, int kv_len, int block_keys, int window,
     float scale, float softcap, float* __restrict__ partial, int* __restrict__ counters) {
-    constexpr int E = 16 / sizeof(T);        // elements per 16-byte load
+    constexpr int E = 16 / sizeof(T);        // elements per 16-byte piece
     constexpr int DIMS = MAX_D / 32;         // dimensions per lane when summing values
-    extern __shared__ float smem[];          // q (DA_GROUP, D), scores (DA_GROUP, MAX_KEYS), sums (WARPS, DA_GROUP, D)
-    float* qs = smem;
+    // keys and values (block_keys, D) each, q (DA_GROUP, D), scores (DA_GROUP, block_keys), sums (WARPS, DA_GROUP, D)
+    extern __shared__ int4 smem[];
+    T* ks = reinterpret_cast<T*>(smem);
+    T* vs = ks + block_keys * D;
+    float* qs = reinterpret_cast<float*>(vs + block_keys * D);
     float* ps = qs + DA_GROUP * D;
-    float* sums = ps + DA_GROUP * MAX_KEYS;
+    float* sums = ps + DA_GROUP * block_keys;
     __shared__ float red[WARPS][DA_GROUP];
     __shared__ float top[DA_GROUP], total[DA_GROUP];  // per head: the block's max score and sum of exponentials
+    __shared__ float rope[2][DA_MAX_D];               // the position's cos and sin rows
     __shared__ bool last;
 
-    dependency_wait();
-    dependents_start();
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int split = blockIdx.x, splits = gridDim.x;
     const int group = H / KVH, slices = (group + DA_GROUP - 1) / DA_GROUP;
     const int b = blockIdx.y / (KVH * slices), kvh = blockIdx.y / slices % KVH, slice = blockIdx.y % slices;
     const int h0 = kvh * group + slice * DA_GROUP, G = min(DA_GROUP, group - slice * DA_GROUP);
+    // Positions are written before the step's first kernel, the cache rows before the new one by earlier steps.
     const int64_t pos = positions[b];
     const int end = (int)min((int64_t)kv_len, pos + 1);
     const int begin = window > 0 ? (int)max((int64_t)0, pos - window + 1) : 0;
-    const int j0 = split * block_keys;
-    const T* kb = k + ((size_t)b * KVH + kvh) * S * D;
-    const T* vb = v + ((size_t)b * KVH + kvh) * S * D;
+    const int j0 = split * block_keys, lo = max(begin, j0), hi = min(end, j0 + block_keys);
+    T* kb = k + ((size_t)b * KVH + kvh) * S * D;
+    T* vb = v + ((size_t)b * KVH + kvh) * S * D;
+    const int pieces = D / E;
+    for (int i = tid; i < (hi - lo) * pieces; i += THREADS) {
+        const int j = lo + i / pieces, e = i % pieces * E;
+        if (j == pos) continue;
+        copy16(ks + (j - j0) * D + e, kb + (size_t)j * D + e);
+        copy16(vs + (j - j0) * D + e, vb + (size_t)j * D + e);
+    }
+    asm volatile("cp.async.commit_group;");
+    const float *cos_row = nullptr, *sin_row = nullptr;
+    if (cos != nullptr) {
+        for (int i = tid; i < D; i += THREADS) {
+            rope[0][i] = cos[pos * D + i];
+            rope[1][i] = sin[pos * D + i];
+        }
+        cos_row = rope[0];
+        sin_row = rope[1];
+    }
+    __syncthreads();
 
-    for (int i = tid; i < G * D; i += THREADS) qs[i] = to_float(q[((size_t)b * H + h0) * D + i]);
+    dependency_wait();
+    dependents_start();
+    // The new token: q rotated (rounded to T, as a separate rotary would store it); k rotated and v into the cache
+    // by the first block of each KV head, and into the stage by the block whose keys hold the position.
+    constexpr int PER_THREAD = DA_GROUP * MAX_D / THREADS;  // q elements per thread at most, their loads in flight
+#pragma unroll
+    for (int u = 0; u < PER_THREAD; u++) {
+        const int i = tid + u * THREADS;
+        if (i < G * D)
+            qs[i] = to_float(from_float<T>(rotated(q + ((size_t)b * H + h0 + i / D) * D, i % D, D, cos_row, sin_row)));
+    }
+    const bool writer = split == 0 && slice == 0, staged = pos >= lo && pos < hi;
+    if (writer || staged) {
+        const T* kn = k_new + ((size_t)b * KVH + kvh) * D;
+        const T* vn = v_new + ((size_t)b * KVH + kvh) * D;
+        for (int d = tid; d < D; d += THREADS) {
+            const T kd = from_float<T>(rotated(kn, d, D, cos_row, sin_row)), vd = vn[d];
+            if (writer) {
+                kb[(size_t)pos * D + d] = kd;
+                vb[(size_t)pos * D + d] = vd;
+            }
+            if (staged) {
+                ks[(pos - j0) * D + d] = kd;
+                vs[(pos - j0) * D + d] = vd;
+            }
+        }
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
 
     // Scores: key PASS * p + tid / PARTS of the block, 16-byte pieces part, part + PARTS, ... of its row.
-    const int pieces = D / E, part = tid % PARTS;
+    const int part = tid % PARTS;
     for (int p = 0; p < block_keys / PASS; p++) {
         const int i = p * PASS + tid / PARTS, j = j0 + i;
-        const bool valid = j >= begin && j < end;
+        const bool valid = j >= lo && j < hi;
         float s[DA_GROUP] = {};
         if (valid) {
-            const uint4* row = reinterpret_cast<const uint4*>(kb + (size_t)j * D);
-            for (int p0 = part; p0 < pieces; p0 += PARTS * BATCH) {
-                uint4 raw[BATCH];
+            const uint4* row = reinterpret_cast<const uint4*>(ks + i * D);
+            for (int piece = part; piece < pieces; piece += PARTS) {
+                const uint4 raw = row[piece];
+                const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-                for (int u = 0; u < BATCH; u++)
-                    if (p0 + PARTS * u < pieces) raw[u] = __ldg(row + p0 + PARTS * u);
+                for (int c = 0; c < E; c++) {
+                    const float kd = to_float(e[c]);
+                    const int d = piece * E + c;
 #pragma unroll
-                for (int u = 0; u < BATCH; u++) {
-                    if (p0 + PARTS * u >= pieces) break;
-                    const T* e = reinterpret_cast<const T*>(&raw[u]);
-#pragma unroll
-                    for (int c = 0; c < E; c++) {
-                        const float kd = to_float(e[c]);
-                        const int d = (p0 + PARTS * u) * E + c;
-#pragma unroll
-                        for (int g = 0; g < DA_GROUP; g++)
-                            if (g < G) s[g] += qs[g * D + d] * kd;
-                    }
+                    for (int g = 0; g < DA_GROUP; g++)
+                        if (g < G) s[g] += qs[g * D + d] * kd;
                 }
             }
         }
@@ -98,7 +160,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
             s[g] += __shfl_xor_sync(0xFFFFFFFFu, s[g], 2);
             float x = s[g] * scale;
             if (softcap > 0.f) x = tanhf(x / softcap) * softcap;
-            if (part == 0) ps[g * MAX_KEYS + i] = valid ? x : -INFINITY;
+            if (part == 0) ps[g * block_keys + i] = valid ? x : -INFINITY;
         }
     }
     __syncthreads();
@@ -107,7 +169,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
 #pragma unroll
     for (int g = 0; g < DA_GROUP; g++) {
         float m = -INFINITY;
-        for (int i = tid; i < block_keys; i += THREADS) m = fmaxf(m, ps[g * MAX_KEYS + i]);
+        for (int i = tid; i < block_keys; i += THREADS) m = fmaxf(m, ps[g * block_keys + i]);
         m = warp_max(m);
         if (lane == 0) red[warp][g] = m;
     }
@@ -122,8 +184,8 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     for (int g = 0; g < DA_GROUP; g++) {
         float sum = 0.f;
         for (int i = tid; i < block_keys; i += THREADS) {
-            const float x = ps[g * MAX_KEYS + i], e = x > -INFINITY ? __expf(x - top[g]) : 0.f;
-            ps[g * MAX_KEYS + i] = e;
+            const float x = ps[g * block_keys + i], e = x > -INFINITY ? __expf(x - top[g]) : 0.f;
+            ps[g * block_keys + i] = e;
             sum += e;
         }
         sum = warp_sum(sum);
@@ -139,26 +201,16 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     // Values: each warp a quarter of the block's keys (the visible ones), lanes over dimensions.
     float acc[DA_GROUP][DIMS] = {};
     const int quarter = block_keys / WARPS;
-    const int lo = max(begin, j0 + warp * quarter), hi = min(end, j0 + (warp + 1) * quarter);
-    constexpr int ROWS = 2048 / MAX_D;  // value rows in flight per warp
-    for (int j1 = lo; j1 < hi; j1 += ROWS) {
-        T vv[ROWS][DIMS];
+    for (int i = max(lo - j0, warp * quarter); i < min(hi - j0, (warp + 1) * quarter); i++) {
+        float vd[DIMS];
 #pragma unroll
-        for (int u = 0; u < ROWS; u++)
+        for (int u = 0; u < DIMS; u++) vd[u] = lane + 32 * u < D ? to_float(vs[i * D + lane + 32 * u]) : 0.f;
 #pragma unroll
-            for (int i = 0; i < DIMS; i++)
-                if (j1 + u < hi && lane + 32 * i < D) vv[u][i] = vb[(size_t)(j1 + u) * D + lane + 32 * i];
+        for (int g = 0; g < DA_GROUP; g++) {
+            if (g >= G) break;
+            const float p = ps[g * block_keys + i];
 #pragma unroll
-        for (int u = 0; u < ROWS; u++) {
-            if (j1 + u >= hi) break;
-#pragma unroll
-            for (int g = 0; g < DA_GROUP; g++) {
-                if (g >= G) break;
-                const float p = ps[g * MAX_KEYS + j1 + u - j0];
-#pragma unroll
-                for (int i = 0; i < DIMS; i++)
-                    if (lane + 32 * i < D) acc[g][i] += p * to_float(vv[u][i]);
-            }
+            for (int u = 0; u < DIMS; u++) acc[g][u] += p * vd[u];
         }
     }
 #pragma unroll
@@ -168,8 +220,10 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
             if (g < G && lane + 32 * i < D) sums[(warp * DA_GROUP + g) * D + lane + 32 * i] = acc[g][i];
     __syncthreads();
 
-    // Partials per (head, split): D sums, then max and sum. One split writes the output directly.
+    // Partials per (head, split): D sums, then max and sum (rows of D + 4, 16-byte aligned). One split writes the
+    // output directly.
     const size_t bh0 = (size_t)b * H + h0;
+    const int row = D + 4;
     for (int i = tid; i < G * D; i += THREADS) {
         const int g = i / D, d = i % D;
         float o = 0.f;
@@ -177,11 +231,11 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
         if (splits == 1)
             out[(bh0 + g) * D + d] = from_float<T>(o / total[g]);
         else
-            partial[((bh0 + g) * splits + split) * (D + 2) + d] = o;
+            partial[((bh0 + g) * splits + split) * row + d] = o;
     }
     if (splits == 1) return;
     if (tid < G) {
-        float* ml = partial + ((bh0 + tid) * splits + split) * (D + 2) + D;
+        float* ml = partial + ((bh0 + tid) * splits + split) * row + D;
         ml[0] = top[tid];
         ml[1] = total[tid];
     }
@@ -192,52 +246,76 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     if (!last) return;
     __threadfence();  // every other split's partials are visible now
 
-    for (int i = tid; i < G * D; i += THREADS) {  // every load of a pass issued before any is used
-        const int g = i / D, d = i % D;
-        const float* pg = partial + (bh0 + g) * splits * (D + 2);
-        float m = -INFINITY;
-        for (int t0 = 0; t0 < splits; t0 += BATCH) {
-            float mt[BATCH];
-#pragma unroll
-            for (int u = 0; u < BATCH; u++) mt[u] = t0 + u < splits ? __ldcg(pg + (t0 + u) * (D + 2) + D) : -INFINITY;
-#pragma unroll
-            for (int u = 0; u < BATCH; u++) m = fmaxf(m, mt[u]);
+    // Per head, a warp each: the largest of the splits' maxima, and the splits' sums of exponentials scaled to it
+    // (a split with no visible key adds nothing).
+    for (int g = warp; g < G; g += WARPS) {
+        const float* ml = partial + (bh0 + g) * splits * row + D;
+        float m = -INFINITY, sum = 0.f;
+        for (int t = lane; t < splits; t += 32) m = fmaxf(m, __ldcg(ml + (size_t)t * row));
+        m = warp_max(m);
+        for (int t = lane; t < splits; t += 32) {
+            const float l = __ldcg(ml + (size_t)t * row + 1);
+            if (l > 0.f) sum += __expf(__ldcg(ml + (size_t)t * row) - m) * l;
         }
-        float o = 0.f, sum = 0.f;
+        sum = warp_sum(sum);
+        if (lane == 0) {
+            top[g] = m;
+            total[g] = sum;
+        }
+    }
+    __syncthreads();
+    // Four dimensions of one head per thread: the splits' sums, each scaled by its exponential, BATCH splits' loads in
+    // flight at once.
+    for (int i = tid; i < G * D / 4; i += THREADS) {
+        const int g = i / (D / 4), d = i % (D / 4) * 4;
+        const float* pg = partial + (bh0 + g) * splits * row;
+        float o[4] = {};
         for (int t0 = 0; t0 < splits; t0 += BATCH) {
-            float ot[BATCH], mt[BATCH], lt[BATCH];
+            float4 ot[BATCH];
+            float mt[BATCH], lt[BATCH];
 #pragma unroll
             for (int u = 0; u < BATCH; u++) {
-                const float* pt = pg + (t0 + u) * (D + 2);
+                const float* pt = pg + (size_t)(t0 + u) * row;
                 const bool in = t0 + u < splits;
-                ot[u] = in ? __ldcg(pt + d) : 0.f;
+                ot[u] = in ? __ldcg(reinterpret_cast<const float4*>(pt + d)) : make_float4(0.f, 0.f, 0.f, 0.f);
                 mt[u] = in ? __ldcg(pt + D) : 0.f;
                 lt[u] = in ? __ldcg(pt + D + 1) : 0.f;
             }
 #pragma unroll
             for (int u = 0; u < BATCH; u++) {
-                const float f = lt[u] > 0.f ? __expf(mt[u] - m) : 0.f;  // a split with no visible key adds nothing
-                o += f * ot[u];
-                sum += f * lt[u];
+                const float f = lt[u] > 0.f ? __expf(mt[u] - top[g]) : 0.f;
+                o[0] += f * ot[u].x;
+                o[1] += f * ot[u].y;
+                o[2] += f * ot[u].z;
+                o[3] += f * ot[u].w;
             }
         }
-        out[(bh0 + g) * D + d] = from_float<T>(o / sum);
+#pragma unroll
+        for (int c = 0; c < 4; c++) out[(bh0 + g) * D + d + c] = from_float<T>(o[c] / total[g]);
     }
     if (tid == 0) counters[blockIdx.y] = 0;  // ready for the next launch (CUDA graphs replay the same counters)
 }
 
-// Keys per block: a multiple of PASS giving about SPLITS splits, up to MAX_KEYS.
-int block_keys_of(int kv_len) {
-    return PASS * std::min(MAX_KEYS / PASS, std::max(1, (kv_len + SPLITS * PASS - 1) / (SPLITS * PASS)));
+// Keys per block: a multiple of PASS giving about SPLITS splits, as many as STAGE_BYTES hold at most.
+int block_keys_of(int kv_len, int D, int element) {
+    const int most = std::max(1, STAGE_BYTES / (2 * D * element) / PASS);
+    return PASS * std::min(most, std::max(1, (kv_len + SPLITS * PASS - 1) / (SPLITS * PASS)));
 }
 
-int splits_of(int kv_len) { return (kv_len + block_keys_of(kv_len) - 1) / block_keys_of(kv_len); }
+int splits_of(int kv_len, int D, int element) {
+    return (kv_len + block_keys_of(kv_len, D, element) - 1) / block_keys_of(kv_len, D, element);
+}
+
+// Shared memory for D and block_keys: the staged keys and values, then q, scores and the warps' sums in fp32.
+size_t shared_of(int D, int block_keys, int element) {
+    return (size_t)2 * block_keys * D * element + (DA_GROUP * D + DA_GROUP * block_keys + WARPS * DA_GROUP * D) * 4;
+}
 
 }  // namespace
 
-size_t decode_attention_workspace(int B, int H, int D, int kv_len) {
-    const int splits = splits_of(kv_len);
-    return splits > 1 ? (size_t)B * H * splits * (D + 2) : 0;
+size_t decode_attention_workspace(int B, int H, int D, int kv_len, int element) {
+    const int splits = splits_of(kv_len, D, element);
+    return splits > 1 ? (size_t)B * H * splits * (D + 4) : 0;
 }
 
 int decode_attention_counters(int B, int H, int KVH) {
@@ -245,29 +323,29 @@ int decode_attention_counters(int B, int H, int KVH) {
 }
 
 template <typename T>
-cudaError_t decode_attention(const T* q, const T* k, const T* v, T* out, const int64_t* positions, int B, int H,
-                             int KVH, int S, int D, int kv_len, int window, float scale, float softcap,
-                             float* workspace, int* counters, cudaStream_t stream) {
-    const dim3 grid(splits_of(kv_len), decode_attention_counters(B, H, KVH));
-    auto shared_for = [](int d) {
-        return int((DA_GROUP * d + DA_GROUP * MAX_KEYS + WARPS * DA_GROUP * d) * sizeof(float));
-    };
+cudaError_t decode_attention(const T* q, const T* k_new, const T* v_new, T* k, T* v, const float* cos,
+                             const float* sin, T* out, const int64_t* positions, int B, int H, int KVH, int S, int D,
+                             int kv_len, int window, float scale, float softcap, float* workspace, int* counters,
+                             cudaStream_t stream) {
+    const int element = sizeof(T), block_keys = block_keys_of(kv_len, D, element);
+    const dim3 grid(splits_of(kv_len, D, element), decode_attention_counters(B, H, KVH));
     const bool small = D <= 128;
     auto kernel = small ? decode_attention_kernel<T, 128> : decode_attention_kernel<T, DA_MAX_D>;
     // Allowed the most the kernel can ask for, even under 48 KB: its static shared memory counts there too.
     const int e = once_per_device(reinterpret_cast<const void*>(kernel), [&] {
+        const int d = small ? 128 : DA_MAX_D;
         return int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        shared_for(small ? 128 : DA_MAX_D)));
+                                        (int)shared_of(d, block_keys_of(1 << 30, d, element), element)));
     });
     if (e != cudaSuccess) return cudaError_t(e);
-    const size_t shared = shared_for(D);
-    return launch(kernel, grid, THREADS, shared, stream, q, k, v, out, positions, H, KVH, S, D, kv_len,
-                  block_keys_of(kv_len), window, scale, softcap, workspace, counters);
+    return launch(kernel, grid, THREADS, shared_of(D, block_keys, element), stream, q, k_new, v_new, k, v, cos, sin,
+                  out, positions, H, KVH, S, D, kv_len, block_keys, window, scale, softcap, workspace, counters);
 }
 
 #define INSTANTIATE(T)                                                                                           \
-    template cudaError_t decode_attention<T>(const T*, const T*, const T*, T*, const int64_t*, int, int, int, int, \
-                                             int, int, int, float, float, float*, int*, cudaStream_t);
+    template cudaError_t decode_attention<T>(const T*, const T*, const T*, T*, T*, const float*, const float*, T*, \
+                                             const int64_t*, int, int, int, int, int, int, int, float, float, float*, \
+                                             int*, cudaStream_t);
 INSTANTIATE(half)
 INSTANTIATE(__nv_bfloat16)
 INSTANTIATE(float)

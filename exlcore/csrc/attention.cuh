@@ -7,13 +7,17 @@
 constexpr int DA_GROUP = 8;       // query heads per block (one KV head's group, in slices of this many)
 constexpr int DA_MAX_D = 256;     // head dimensions the kernel takes (a multiple of 16 bytes of T)
 
-// q, out (B, H, D); k, v caches (B, KVH, S, D) of which the first kv_len keys are read; key j is visible to
-// sequence b when j <= position[b] and (window == 0 or j > position[b] - window). workspace: the floats
-// decode_attention_workspace asks for; counters: decode_attention_counters ints, zero (left zero on return).
+// q, out (B, H, D); k_new, v_new (B, KVH, D) the new token's key and value; k, v caches (B, KVH, S, D), of which
+// the first kv_len keys are read. q and k_new are rotated (rotate-half) by cos and sin (positions, D) fp32 tables at
+// position[b] (not rotated when they are null), and the rotated k_new and v_new are written to the caches at
+// position[b]. Key j is visible to sequence b when j <= position[b] and (window == 0 or j > position[b] - window).
+// workspace: the floats decode_attention_workspace asks for; counters: decode_attention_counters ints, zero (left
+// zero on return).
 template <typename T>
-cudaError_t decode_attention(const T* q, const T* k, const T* v, T* out, const int64_t* positions, int B, int H,
-                             int KVH, int S, int D, int kv_len, int window, float scale, float softcap,
-                             float* workspace, int* counters, cudaStream_t stream);
+cudaError_t decode_attention(const T* q, const T* k_new, const T* v_new, T* k, T* v, const float* cos,
+                             const float* sin, T* out, const int64_t* positions, int B, int H, int KVH, int S, int D,
+                             int kv_len, int window, float scale, float softcap, float* workspace, int* counters,
+                             cudaStream_t stream);
 
-size_t decode_attention_workspace(int B, int H, int D, int kv_len);
+size_t decode_attention_workspace(int B, int H, int D, int kv_len, int element);
 int decode_attention_counters(int B, int H, int KVH);

@@ -16,6 +16,18 @@ void check(cudaError_t e, const char* what) {
     TORCH_CHECK(e == cudaSuccess, what, ": ", cudaGetErrorString(e));
 }
 
+// Call f(pointer type tag) for the tensor's dtype: half, bfloat16 or float.
+template <typename F>
+void dispatch(const torch::Tensor& t, F&& f) {
+    if (t.dtype() == torch::kHalf) f(half{});
+    else if (t.dtype() == torch::kBFloat16) f(__nv_bfloat16{});
+    else if (t.dtype() == torch::kFloat) f(float{});
+    else TORCH_CHECK(false, "unsupported dtype ", t.dtype());
+}
+
+template <typename T>
+T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
 // A packed matrix as Python keeps it (exlcore/formats/qmatrix.py): q_weight, chunks, pair_rows, then EXL2's
 // q_scale and q_scale_max or GPTQ's (scale, 1024 + zero) pairs and an empty tensor, then the tile counters.
 QMatrix qmatrix(const std::vector<torch::Tensor>& t) {
@@ -47,11 +59,28 @@ torch::Tensor dequantized(const QMatrix& w, int64_t n0, int64_t cols, const torc
     return w_t;
 }
 
+torch::Tensor act_mul_(const torch::Tensor& gate, const torch::Tensor& up, int64_t act) {
+    TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes(), "act_mul: layout");
+    const c10::cuda::CUDAGuard guard(gate.device());
+    auto out = torch::empty_like(gate);
+    dispatch(gate, [&](auto tag) {
+        using T = decltype(tag);
+        check(act_mul<T>(ptr<T>(gate), ptr<T>(up), ptr<T>(out), gate.numel(), (int)act,
+                         at::cuda::getCurrentCUDAStream()), "act_mul");
+    });
+    return out;
+}
+
 // x (M, K) -> [x @ W_i^T (M, N_i)] for matrices sharing x: for fp16 x and M <= 16 one decode launch, else per
 // matrix a dequantized copy (a slice of columns at a time, at most 16 MB, in x's dtype) and cuBLAS. bf16 models
-// (Gemma) take the second path: the decode kernel multiplies in fp16, where their activations overflow.
-std::vector<torch::Tensor> qm_matmul(const torch::Tensor& x, const std::vector<std::vector<torch::Tensor>>& mats) {
+// (Gemma) take the second path: the decode kernel multiplies in fp16, where their activations overflow. With `up`,
+// the input is act(x) * up (act_mul), which the decode kernel computes as it gathers x.
+std::vector<torch::Tensor> qm_matmul(torch::Tensor x, const std::vector<std::vector<torch::Tensor>>& mats,
+                                     const std::optional<torch::Tensor>& up, int64_t act) {
     TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.is_cuda(), "x must be contiguous (M, K) on the GPU");
+    TORCH_CHECK(!up || (up->is_contiguous() && up->sizes() == x.sizes() && up->dtype() == x.dtype() &&
+                        up->device() == x.device()),
+                "up must be contiguous, x's shape, dtype and device");
     TORCH_CHECK(!mats.empty() && mats.size() <= QM_MAX_BATCH, "1 to ", QM_MAX_BATCH, " matrices per call");
     const c10::cuda::CUDAGuard guard(x.device());
     std::vector<QMatrix> w;
@@ -72,10 +101,12 @@ std::vector<torch::Tensor> qm_matmul(const torch::Tensor& x, const std::vector<s
         const size_t floats = qm_workspace(w.data(), (int)w.size(), M, sms);
         auto workspace = torch::empty({(int64_t)floats}, x.options().dtype(torch::kFloat));
         check(qm_gemv(w.data(), out_ptrs.data(), (int)w.size(), reinterpret_cast<const half*>(x.data_ptr<at::Half>()),
-                      M, workspace.data_ptr<float>(), sms, stream),
+                      up ? reinterpret_cast<const half*>(up->data_ptr<at::Half>()) : nullptr, (int)act, M,
+                      workspace.data_ptr<float>(), sms, stream),
               "qm_gemv");
         return outs;
     }
+    if (up) x = act_mul_(x, *up, act);
     for (size_t i = 0; i < w.size(); i++) {
         const int64_t N = w[i].N, step = std::max<int64_t>(QM_TILE, (int64_t(1) << 23) / w[i].K / QM_TILE * QM_TILE);
         const auto half = x.options().dtype(torch::kHalf);
@@ -97,18 +128,6 @@ torch::Tensor qm_weight(const std::vector<torch::Tensor>& mat) {
     const QMatrix w = qmatrix(mat);
     return dequantized(w, 0, w.N, mat[0].options().dtype(torch::kHalf));
 }
-
-// Call f(pointer type tag) for the tensor's dtype: half, bfloat16 or float.
-template <typename F>
-void dispatch(const torch::Tensor& t, F&& f) {
-    if (t.dtype() == torch::kHalf) f(half{});
-    else if (t.dtype() == torch::kBFloat16) f(__nv_bfloat16{});
-    else if (t.dtype() == torch::kFloat) f(float{});
-    else TORCH_CHECK(false, "unsupported dtype ", t.dtype());
-}
-
-template <typename T>
-T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 torch::Tensor rms_norm_(const torch::Tensor& x, const torch::Tensor& w, double eps) {
     TORCH_CHECK(x.is_contiguous() && w.dtype() == torch::kFloat && w.is_contiguous(), "rms_norm: layout");
@@ -188,46 +207,46 @@ void rotary_cache_(const torch::Tensor& q, const torch::Tensor& k, const torch::
     });
 }
 
-torch::Tensor act_mul_(const torch::Tensor& gate, const torch::Tensor& up, int64_t act) {
-    TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes(), "act_mul: layout");
-    const c10::cuda::CUDAGuard guard(gate.device());
-    auto out = torch::empty_like(gate);
-    dispatch(gate, [&](auto tag) {
-        using T = decltype(tag);
-        check(act_mul<T>(ptr<T>(gate), ptr<T>(up), ptr<T>(out), gate.numel(), (int)act,
-                         at::cuda::getCurrentCUDAStream()), "act_mul");
-    });
-    return out;
-}
-
 // q (B, H, D) one query per sequence; k, v (B, KVH, S, D) caches; positions (B,) int64; counters int32, zero
 // (left zero), B * H of them at most needed.
-torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                const torch::Tensor& positions, int64_t kv_len, int64_t window, double scale,
-                                double softcap, const torch::Tensor& counters) {
-    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && positions.is_contiguous(),
-                "decode_attention: layout");
-    TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.dtype() == q.dtype() && v.dtype() == q.dtype() &&
-                    k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(2) &&
-                    q.size(1) % k.size(1) == 0 && kv_len >= 1 && kv_len <= k.size(2) && positions.size(0) == q.size(0),
-                "decode_attention: q (B, H, D), k and v (B, KVH, S, D) with H a multiple of KVH, 1 <= kv_len <= S");
+torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
+                                const torch::Tensor& k, const torch::Tensor& v, const std::optional<torch::Tensor>& cos,
+                                const std::optional<torch::Tensor>& sin, const torch::Tensor& positions, int64_t kv_len,
+                                int64_t window, double scale, double softcap, const torch::Tensor& counters) {
+    for (const auto* t : {&q, &k_new, &v_new, &k, &v, &positions, &counters})
+        TORCH_CHECK(t->is_contiguous() && t->device() == q.device(), "decode_attention: layout or device");
+    for (const auto* t : {&k_new, &v_new, &k, &v}) TORCH_CHECK(t->dtype() == q.dtype(), "decode_attention: one dtype");
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
+                    k.size(3) == q.size(2) && q.size(1) % k.size(1) == 0 && k_new.sizes() == v_new.sizes() &&
+                    k_new.dim() == 3 && k_new.size(0) == q.size(0) && k_new.size(1) == k.size(1) &&
+                    k_new.size(2) == q.size(2) && kv_len >= 1 && kv_len <= k.size(2),
+                "decode_attention: q (B, H, D), k_new and v_new (B, KVH, D), caches (B, KVH, S, D) with H a multiple "
+                "of KVH, 1 <= kv_len <= S");
     const int B = (int)q.size(0), H = (int)q.size(1), KVH = (int)k.size(1), D = (int)q.size(2);
-    TORCH_CHECK(D <= DA_MAX_D && D * q.element_size() % 16 == 0, "decode_attention: head_dim up to ", DA_MAX_D,
-                ", a multiple of 16 bytes");
-    TORCH_CHECK(counters.device() == q.device() && k.device() == q.device() && v.device() == q.device() &&
-                    positions.device() == q.device() && counters.dtype() == torch::kInt32 &&
-                    counters.numel() >= decode_attention_counters(B, H, KVH),
-                "decode_attention: tensors on one device, int32 counters (B * H of them suffice)");
+    TORCH_CHECK(D <= DA_MAX_D && D * q.element_size() % 16 == 0 && D % 2 == 0, "decode_attention: head_dim up to ",
+                DA_MAX_D, ", a multiple of 16 bytes");
+    TORCH_CHECK(positions.dtype() == torch::kLong && positions.dim() == 1 && positions.size(0) == B,
+                "decode_attention: (B,) int64 positions");
+    TORCH_CHECK(counters.dtype() == torch::kInt32 && counters.numel() >= decode_attention_counters(B, H, KVH),
+                "decode_attention: int32 counters (B * H of them suffice)");
+    TORCH_CHECK(cos.has_value() == sin.has_value(), "decode_attention: both rotary tables or neither");
+    if (cos) {
+        for (const auto* t : {&*cos, &*sin})
+            TORCH_CHECK(t->is_contiguous() && t->device() == q.device() && t->dtype() == torch::kFloat &&
+                            t->dim() == 2 && t->size(1) == D && t->sizes() == cos->sizes(),
+                        "decode_attention: fp32 (positions, D) rotary tables");
+    }
     const c10::cuda::CUDAGuard guard(q.device());
     auto out = torch::empty_like(q);
-    auto workspace = torch::empty({(int64_t)decode_attention_workspace(B, H, D, (int)kv_len)},
+    auto workspace = torch::empty({(int64_t)decode_attention_workspace(B, H, D, (int)kv_len, (int)q.element_size())},
                                   q.options().dtype(torch::kFloat));
     dispatch(q, [&](auto tag) {
         using T = decltype(tag);
-        check(decode_attention<T>(ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(out), positions.data_ptr<int64_t>(), B, H,
-                                  KVH, (int)k.size(2), D, (int)kv_len, (int)window, (float)scale, (float)softcap,
-                                  workspace.data_ptr<float>(), counters.data_ptr<int32_t>(),
-                                  at::cuda::getCurrentCUDAStream()),
+        check(decode_attention<T>(ptr<T>(q), ptr<T>(k_new), ptr<T>(v_new), ptr<T>(k), ptr<T>(v),
+                                  cos ? cos->data_ptr<float>() : nullptr, sin ? sin->data_ptr<float>() : nullptr,
+                                  ptr<T>(out), positions.data_ptr<int64_t>(), B, H, KVH, (int)k.size(2), D,
+                                  (int)kv_len, (int)window, (float)scale, (float)softcap, workspace.data_ptr<float>(),
+                                  counters.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream()),
               "decode_attention");
     });
     return out;
@@ -270,7 +289,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rotary_", &rotary_, "rotary embedding in place, rotate-half layout");
     m.def("rotary_cache_", &rotary_cache_, "rotary on q in place and on k into the KV cache beside v, one launch");
     m.def("act_mul", &act_mul_, "act(gate) * up; act 0 = SiLU, 1 = tanh GELU");
-    m.def("decode_attention", &decode_attention_, "single-query attention over a KV cache, split over keys");
+    m.def("decode_attention", &decode_attention_, "single-query attention over a KV cache, split over keys, with the step's rotary and cache write");
     m.def("gptq_rows", &gptq_rows_, "GPTQ over a block of up to 32 rows, in place");
     m.def("scale_errors", &scale_errors_, "EXL2 scale search: summed |error|^3.5 per candidate scale");
 }

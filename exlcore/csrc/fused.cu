@@ -1,6 +1,7 @@
 #include "convert.cuh"
 #include "fused.cuh"
 #include "launch.cuh"
+#include "elementwise.cuh"
 
 namespace {
 
@@ -58,8 +59,8 @@ template <typename T>
 __device__ __forceinline__ void rotate(const T* src, T* dst, const float* c, const float* s, int half_dim) {
     for (int i = threadIdx.x; i < half_dim; i += blockDim.x) {
         const float a = to_float(src[i]), b = to_float(src[i + half_dim]);
-        dst[i] = from_float<T>(a * c[i] - b * s[i]);
-        dst[i + half_dim] = from_float<T>(b * c[i + half_dim] + a * s[i + half_dim]);
+        dst[i] = from_float<T>(rope(a, b, c[i], s[i], true));
+        dst[i + half_dim] = from_float<T>(rope(b, a, c[i + half_dim], s[i + half_dim], false));
     }
 }
 
@@ -98,16 +99,8 @@ __global__ void act_mul_kernel(const T* __restrict__ gate, const T* __restrict__
                                int act) {
     dependency_wait();
     dependents_start();
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float g = to_float(gate[i]);
-        float a;
-        if (act == 0) {
-            a = g / (1.f + __expf(-g));
-        } else {
-            a = 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-        }
-        out[i] = from_float<T>(a * to_float(up[i]));
-    }
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = from_float<T>(gated(to_float(gate[i]), to_float(up[i]), act));
 }
 
 // Threads for a row of `dim`: rms_norm and add_rms_norm must agree, so their sums of squares match.

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "elementwise.cuh"
 #include "launch.cuh"
 #include "qmatmul.cuh"
 
@@ -271,7 +272,7 @@ struct Shape {
 // mma.m16n8k16 lays out its D fragment.
 template <bool GPTQ, int MAXM>
 __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant__ Batch b, const half* __restrict__ x,
-                                                         int M) {
+                                                         const half* __restrict__ up, int act, int M) {
     using Sh = Shape<MAXM>;
     constexpr int NT = Sh::NT, STAGES = Sh::STAGES, XS = Sh::XS, XS_STRIDE = Sh::XS_STRIDE, THREADS = WARPS * 32;
     extern __shared__ int4 shared[];
@@ -299,7 +300,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     const uint32_t* stages = reinterpret_cast<const uint32_t*>(xs + MAXM * XS_STRIDE) + warp * STAGES * STAGE;
 
     // While the kernel before finishes: the slice's chunk table, the input channels of its pairs (all in flight at
-    // once) and each warp's first chunks. Then x in decode order, gathered once for the block.
+    // once) and each warp's first chunks. Then x in decode order, gathered once for the block (act(x) * up with up).
     const int4 first = __ldg(w.chunks + c0), last = __ldg(w.chunks + c0 + count - 1);
     const int pair0 = first.w, pairs = last.w + (last.y >> 9) - pair0;
     if (threadIdx.x < count) {
@@ -323,10 +324,17 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     dependents_start();
     for (int m = 0; m < M; m++) {
         const half* xm = x + (size_t)m * w.K;
+        const half* um = up + (size_t)m * w.K;
 #pragma unroll
         for (int i = 0; i < XS / THREADS; i++) {
             const int k = threadIdx.x + THREADS * i;
-            if (k < pairs) xs[m * XS_STRIDE + k] = __halves2half2(xm[r[i] & 0xFFFF], xm[r[i] >> 16]);
+            if (k >= pairs) continue;
+            half lo = xm[r[i] & 0xFFFF], hi = xm[r[i] >> 16];
+            if (up != nullptr) {
+                lo = __float2half_rn(gated(__half2float(lo), __half2float(um[r[i] & 0xFFFF]), act));
+                hi = __float2half_rn(gated(__half2float(hi), __half2float(um[r[i] >> 16]), act));
+            }
+            xs[m * XS_STRIDE + k] = __halves2half2(lo, hi);
         }
     }
     __syncthreads();
@@ -470,7 +478,7 @@ __global__ void __launch_bounds__(WARPS * 32) dequantize_kernel(QMatrix w, half*
 // The decode kernel for up to MAXM rows of x, its shared memory, the blocks the GPU holds at once, and the most
 // chunks a slice may have.
 struct Kernel {
-    void (*fn)(Batch, const half*, int);
+    void (*fn)(Batch, const half*, const half*, int, int);
     int shared, resident, chunks;
 };
 
@@ -517,8 +525,8 @@ size_t qm_workspace(const QMatrix* mats, int count, int M, int sm_count) {
     return floats;
 }
 
-cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const half* x, int M, float* workspace,
-                    int sm_count, cudaStream_t stream) {
+cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const half* x, const half* up, int act, int M,
+                    float* workspace, int sm_count, cudaStream_t stream) {
     Kernel k{};
     const cudaError_t e = kernel_for(mats[0], M, sm_count, k);
     if (e != cudaSuccess) return e;
@@ -533,7 +541,7 @@ cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const hal
             workspace += (size_t)b.plan.splits[i] * M * mats[i].N;
         }
     }
-    return launch(k.fn, b.plan.first_block[count], WARPS * 32, k.shared, stream, b, x, M);
+    return launch(k.fn, b.plan.first_block[count], WARPS * 32, k.shared, stream, b, x, up, act, M);
 }
 
 cudaError_t qm_dequantize(const QMatrix& w, half* w_t, int n0, int cols, cudaStream_t stream) {

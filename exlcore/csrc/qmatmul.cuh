@@ -23,11 +23,12 @@ struct QMatrix {
 };
 
 // out_i (M, N_i) fp16 = x (M, K) @ W_i^T for up to QM_MAX_BATCH matrices sharing x (all EXL2 or all GPTQ), in one
-// launch, M <= 16, on tensor cores (compute capability 8.0 on).
+// launch, M <= 16, on tensor cores (compute capability 8.0 on). With `up` (M, K), the input is act(x) * up instead
+// (act 0 = SiLU, 1 = tanh GELU), rounded to fp16 as act_mul (fused.cuh) computes it.
 // Each packed weight is read once. A matrix's counters are left zero on return; a matrix must not be in two
 // launches that run at the same time (two streams).
-cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const half* x, int M, float* workspace,
-                    int sm_count, cudaStream_t stream);
+cudaError_t qm_gemv(const QMatrix* mats, half* const* outs, int count, const half* x, const half* up, int act, int M,
+                    float* workspace, int sm_count, cudaStream_t stream);
 
 // The fp32 workspace qm_gemv needs for this batch and M, in floats.
 size_t qm_workspace(const QMatrix* mats, int count, int M, int sm_count);
