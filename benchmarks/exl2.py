@@ -115,37 +115,39 @@ def timed(fn, repeats=3) -> float:
 
 
 def decode_profile(g: "exlcore.Generator", prompt: list[int], steps: int = 16) -> str:
-    """Where a batch-1 decode step's GPU time goes: each kernel's share of the timeline (its end minus the end of
-    the kernel before, as kernels overlap under programmatic launch), per step, from torch.profiler; and the GPU's
-    idle time before it (the host's sampling and launches)."""
+    """Where a batch-1 decode step's GPU time goes, in the generator's greedy decode: each kernel's share of the
+    timeline (its end minus the end of the kernel before, as kernels overlap under programmatic launch), per step,
+    from torch.profiler; and the GPU's idle time before it (waiting for the host)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in g.tokens(prompt, 4, temperature=0, stop_ids=set()):  # the prompt is cached: one eager token
+    for _ in g.tokens(prompt, 2, temperature=0, stop_ids=set()):  # the prompt cached, so below one eager token
         pass
-    start, token = g.cache.length, prompt[0]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):  # the generator's greedy step: graph replay, argmax, read back
-            token = int(g.graphs.step(token)[0, -1].argmax())
-    g.cache.truncate(start)
+        for _ in g.tokens(prompt, steps + 2, temperature=0, stop_ids=set()):
+            pass
     kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
-    per_step = len(kernels) // steps
+    # A step begins with the embedding; the first is the eager prompt token's, the last step's may be cut short.
+    starts = [i for i, e in enumerate(kernels) if "indexSelect" in e.name]
+    steps = len(starts) - 2
     matmuls = ["q/k/v", "o", "gate/up", "down"]
-    share, calls, idle, end = {}, {}, {}, kernels[0].time_range.start
-    for i, e in enumerate(kernels):
-        name = re.sub(r"^void |\(anonymous namespace\)::|\(.*$|<.*$", "", e.name)[:40]
-        if name == "gemv_kernel":
-            k = sum("gemv_kernel" in k.name for k in kernels[i - i % per_step:i])
-            name = f"matmul {matmuls[k % 4] if k < 4 * len(g.model.layers) else 'head'}"
-        share[name] = share.get(name, 0.0) + max(0.0, e.time_range.end - max(e.time_range.start, end))
-        calls[name] = calls.get(name, 0) + 1
-        idle[name] = idle.get(name, 0.0) + max(0.0, e.time_range.start - end)
-        end = max(end, e.time_range.end)
-    total = (end - kernels[0].time_range.start) / steps
-    lines = [f"decode step: {total:.0f} us on the GPU timeline, {sum(idle.values()) / steps:.0f} us of it idle",
+    share, calls, idle, end = {}, {}, {}, kernels[starts[1] - 1].time_range.end
+    for s0, s1 in zip(starts[1:-1], starts[2:]):
+        for i, e in enumerate(kernels[s0:s1]):
+            name = re.sub(r"^void |\(anonymous namespace\)::|\(.*$|<.*$", "", e.name)[:40]
+            if name == "gemv_kernel":
+                k = sum("gemv_kernel" in k.name for k in kernels[s0:s0 + i])
+                name = f"matmul {matmuls[k % 4] if k < 4 * len(g.model.layers) else 'head'}"
+            share[name] = share.get(name, 0.0) + max(0.0, e.time_range.end - max(e.time_range.start, end))
+            calls[name] = calls.get(name, 0) + 1
+            idle[name] = idle.get(name, 0.0) + max(0.0, e.time_range.start - end)
+            end = max(end, e.time_range.end)
+    total = sum(share.values()) + sum(idle.values())
+    lines = [f"decode step: {total / steps:.0f} us on the GPU timeline, {sum(idle.values()) / steps:.0f} us of it "
+             f"idle ({steps} steps)",
              "| kernel | calls/step | us/step | share | idle before, us/step |", "|---|---:|---:|---:|---:|"]
     for name, us in sorted(share.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {name} | {calls[name] / steps:g} | {us / steps:.1f} | {us / steps / total:.1%} | "
+        lines.append(f"| {name} | {calls[name] / steps:g} | {us / steps:.1f} | {us / total:.1%} | "
                      f"{idle[name] / steps:.1f} |")
     return "\n".join(lines)
 

@@ -29,6 +29,23 @@ class GenerationStats:
         return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+class _to_host:
+    """A (1,) device tensor's value, copied to the host without waiting for work queued after it."""
+
+    def __init__(self, t: torch.Tensor):
+        cuda = t.device.type == "cuda"
+        self.buffer = torch.empty(1, dtype=t.dtype, pin_memory=cuda)
+        self.buffer.copy_(t, non_blocking=cuda)
+        self.done = torch.cuda.Event() if cuda else None
+        if cuda:
+            self.done.record()
+
+    def value(self) -> int:
+        if self.done is not None:
+            self.done.synchronize()
+        return int(self.buffer[0])
+
+
 def _held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters of `text` could still grow into a stop string."""
     hold = 0
@@ -105,28 +122,41 @@ class Generator:
         t0 = time.perf_counter()
         logits = self._prefill(ids)
         seen = torch.tensor([ids], device=device)
+        token = sample(logits[:, -1], settings, seen, rng)  # (1,), on the device
+        pending = _to_host(token)
         try:
             while True:
-                token = int(sample(logits[:, -1], settings, seen, rng)[0])  # waits for the GPU
                 stats.new_tokens += 1
+                # Feed the token before reading it when another will be wanted, so the GPU runs the next step while
+                # the host reads, checks and yields this one. A stop token fed this way stays in the cache, valid.
+                fed = stats.new_tokens < max_new_tokens
+                if fed:
+                    seen = torch.cat([seen, token[:, None]], dim=1)
+                    logits = self._feed(token)
+                    token = sample(logits[:, -1], settings, seen, rng)
+                    pending, value = _to_host(token), pending.value()
+                else:
+                    value = pending.value()
                 if stats.new_tokens == 1:  # prefill time includes the first token's sampling
                     stats.prefill_seconds = time.perf_counter() - t0
                     t0 = time.perf_counter()
-                if token in stop_ids:
+                if fed:
+                    self.cached_ids.append(value)
+                if value in stop_ids:
                     stats.stop_reason = "eos"
                     return
-                yield token
-                if stats.new_tokens >= max_new_tokens:
+                yield value
+                if not fed:
                     stats.stop_reason = "max_new_tokens"
                     return
-                seen = torch.cat([seen, torch.tensor([[token]], device=device)], dim=1)
-                if self.graphs is not None:
-                    logits = self.graphs.step(token)
-                    self.cached_ids.append(token)
-                else:
-                    logits = self._step([token])
         finally:
             stats.decode_seconds = time.perf_counter() - t0
+
+    def _feed(self, token: torch.Tensor) -> torch.Tensor:
+        """Append one token, a (1,) device tensor, to the cache; its (1, 1, vocab) logits."""
+        if self.graphs is not None:
+            return self.graphs.step(token)
+        return self.model.forward(token.view(1, 1), self.cache, last_only=True)
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
         # Reuse the cached prefix; always recompute at least the last prompt token to get its logits.

@@ -36,11 +36,12 @@ class DecodeGraphs:
             self.tables = tables
 
     @torch.inference_mode()
-    def step(self, token: int) -> torch.Tensor:
-        """Append one token to the cache and return its (1, 1, vocab) logits."""
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Append one token, a (1,) device tensor, to the cache and return its (1, 1, vocab) logits. Nothing waits
+        for the GPU: the token may still be being sampled."""
         position = self.cache.length
         kv_len = min(-(-(position + 1) // BUCKET) * BUCKET, self.cache.max_len)
-        self.ids.fill_(token)
+        self.ids.copy_(token.view(1, 1))
         self.positions.fill_(position)
         self._check_tables()
         if kv_len not in self.graphs:

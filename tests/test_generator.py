@@ -40,6 +40,21 @@ def test_stop_token_id(model):
     assert gen.stats.new_tokens == len(out) + 1
 
 
+def test_cache_after_a_stop_matches_its_ids(model):
+    """Each token is fed before it is read (the GPU runs a step ahead of the host), so the stop token is in the
+    cache when generation ends: cached_ids says so, and a prompt that continues through it reuses it all and gives
+    what a fresh generator gives."""
+    prompt = model.tokenizer.encode("Once upon a time")
+    gen = exlcore.Generator(model, max_seq_len=128)
+    ids = list(gen.tokens(prompt, max_new_tokens=20, temperature=0))
+    out = list(gen.tokens(prompt, max_new_tokens=20, temperature=0, stop_ids={ids[5]}))
+    assert gen.cache.length == len(gen.cached_ids) == len(prompt) + len(out) + 1
+    follow = prompt + out + [ids[5], 40]
+    fresh = list(exlcore.Generator(model, max_seq_len=128).tokens(follow, max_new_tokens=8, temperature=0))
+    assert list(gen.tokens(follow, max_new_tokens=8, temperature=0)) == fresh
+    assert gen.stats.cached_tokens == len(follow) - 1
+
+
 def test_cached_prefix_gives_the_same_tokens(model):
     prompt = model.tokenizer.encode("The cat sat on the mat and then")
     fresh = list(exlcore.Generator(model, max_seq_len=128).tokens(prompt + [40, 41], max_new_tokens=16, temperature=0))
