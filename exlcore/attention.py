@@ -15,7 +15,8 @@ from exlcore.ext import on
 from exlcore.rope import Rotary
 
 
-MAX_FUSED_HEAD_DIM = 256  # and a multiple of 16 bytes: the decode kernel reads key rows in 16-byte pieces
+# The decode kernel's rows: 16-byte pieces, and at most 512 bytes, so 32 keys and values fit any GPU's shared memory.
+MAX_FUSED_ROW_BYTES = 512
 
 
 @dataclass
@@ -73,7 +74,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         ext = on(q)
-        fused = self.head_dim <= MAX_FUSED_HEAD_DIM and self.head_dim * q.element_size() % 16 == 0
+        row = self.head_dim * q.element_size()
+        fused = row <= MAX_FUSED_ROW_BYTES and row % 16 == 0
         if step.cache is not None and T == 1 and ext is not None and fused:
             # One kernel for the decode step's attention, with its rotary and cache write, split over the keys.
             tables = (self.rotary.cos, self.rotary.sin) if self.rotary is not None else (None, None)

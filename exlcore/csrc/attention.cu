@@ -1,6 +1,6 @@
 // Decode attention split over the keys (flash-decoding), with the step's rotary embedding and KV-cache write. A
-// block takes 32 to 128 keys of one KV head for up to DA_GROUP of its query heads, so each key and value row is
-// read once per group, not once per query head:
+// block takes a run of keys of one KV head for up to DA_GROUP of its query heads, so each key and value row is read
+// once per group, not once per query head:
 //   stage   the block's cached keys and values copied into shared memory (cp.async) before the kernel waits for
 //           the one before it: only the new token's q, k and v come after, rotated here (and the new k and v
 //           written to the cache by one block per KV head);
@@ -9,22 +9,23 @@
 //   values  each warp sums a quarter of the keys' rows (lanes over dimensions), added up in shared memory.
 // Blocks leave their unnormalised output with its max and sum; the last block of a group to finish (a counter
 // per group, reset by that block) combines them in split order, so results do not depend on timing. Blocks take
-// 32 keys and more, for about 16 splits, up to what STAGE_BYTES of shared memory holds.
+// 32 keys and more, for about 16 splits, as many as SHARED_BYTES of shared memory hold (at least 32).
 #include <algorithm>
 #include <cmath>
 
 #include "attention.cuh"
 #include "convert.cuh"
-#include "launch.cuh"
 #include "elementwise.cuh"
+#include "launch.cuh"
 
 namespace {
 
 constexpr int THREADS = 128, WARPS = THREADS / 32;
 constexpr int PARTS = 4;                       // threads per key when scoring
 constexpr int PASS = THREADS / PARTS;          // keys scored at once
-constexpr int STAGE_BYTES = 64 * 1024;         // the staged keys and values at most
-constexpr int BATCH = 8;                       // loads in flight per thread (scores, combine)
+constexpr int MAX_KEYS = 512;                  // keys per block at most
+constexpr int SHARED_BYTES = 90 * 1024;        // a block's shared memory at most (every GPU from 8.0 has 99 KB)
+constexpr int BATCH = 8;                       // splits' loads in flight per thread when combining
 constexpr int SPLITS = 16;                     // splits to aim for: enough blocks, a short combine
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -69,7 +70,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     float* sums = ps + DA_GROUP * block_keys;
     __shared__ float red[WARPS][DA_GROUP];
     __shared__ float top[DA_GROUP], total[DA_GROUP];  // per head: the block's max score and sum of exponentials
-    __shared__ float rope[2][DA_MAX_D];               // the position's cos and sin rows
+    __shared__ float table[2][DA_MAX_D];              // the position's cos and sin rows
     __shared__ bool last;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -95,11 +96,11 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     const float *cos_row = nullptr, *sin_row = nullptr;
     if (cos != nullptr) {
         for (int i = tid; i < D; i += THREADS) {
-            rope[0][i] = cos[pos * D + i];
-            rope[1][i] = sin[pos * D + i];
+            table[0][i] = cos[pos * D + i];
+            table[1][i] = sin[pos * D + i];
         }
-        cos_row = rope[0];
-        sin_row = rope[1];
+        cos_row = table[0];
+        sin_row = table[1];
     }
     __syncthreads();
 
@@ -296,19 +297,20 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     if (tid == 0) counters[blockIdx.y] = 0;  // ready for the next launch (CUDA graphs replay the same counters)
 }
 
-// Keys per block: a multiple of PASS giving about SPLITS splits, as many as STAGE_BYTES hold at most.
+// Shared memory for D and block_keys: the staged keys and values, then q, scores and the warps' sums in fp32.
+size_t shared_of(int D, int block_keys, int element) {
+    return (size_t)2 * block_keys * D * element + (DA_GROUP * D + DA_GROUP * block_keys + WARPS * DA_GROUP * D) * 4;
+}
+
+// Keys per block: a multiple of PASS giving about SPLITS splits, as many as SHARED_BYTES hold, MAX_KEYS at most.
 int block_keys_of(int kv_len, int D, int element) {
-    const int most = std::max(1, STAGE_BYTES / (2 * D * element) / PASS);
+    const int fit = (SHARED_BYTES - (int)shared_of(D, 0, element)) / (2 * D * element + DA_GROUP * 4) / PASS;
+    const int most = std::max(1, std::min(MAX_KEYS / PASS, fit));
     return PASS * std::min(most, std::max(1, (kv_len + SPLITS * PASS - 1) / (SPLITS * PASS)));
 }
 
 int splits_of(int kv_len, int D, int element) {
     return (kv_len + block_keys_of(kv_len, D, element) - 1) / block_keys_of(kv_len, D, element);
-}
-
-// Shared memory for D and block_keys: the staged keys and values, then q, scores and the warps' sums in fp32.
-size_t shared_of(int D, int block_keys, int element) {
-    return (size_t)2 * block_keys * D * element + (DA_GROUP * D + DA_GROUP * block_keys + WARPS * DA_GROUP * D) * 4;
 }
 
 }  // namespace
@@ -331,11 +333,17 @@ cudaError_t decode_attention(const T* q, const T* k_new, const T* v_new, T* k, T
     const dim3 grid(splits_of(kv_len, D, element), decode_attention_counters(B, H, KVH));
     const bool small = D <= 128;
     auto kernel = small ? decode_attention_kernel<T, 128> : decode_attention_kernel<T, DA_MAX_D>;
-    // Allowed the most the kernel can ask for, even under 48 KB: its static shared memory counts there too.
+    // Allowed all the device has (its static shared memory aside): within SHARED_BYTES but for the 32 keys a block
+    // takes at least, which fp32 rows of 256 exceed (1 KB a row).
     const int e = once_per_device(reinterpret_cast<const void*>(kernel), [&] {
-        const int d = small ? 128 : DA_MAX_D;
-        return int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)shared_of(d, block_keys_of(1 << 30, d, element), element)));
+        int device = 0, most = 0;
+        cudaFuncAttributes a{};
+        cudaError_t r = cudaGetDevice(&device);
+        if (r == cudaSuccess) r = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+        if (r == cudaSuccess) r = cudaFuncGetAttributes(&a, kernel);
+        if (r == cudaSuccess)
+            r = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most - (int)a.sharedSizeBytes);
+        return int(r);
     });
     if (e != cudaSuccess) return cudaError_t(e);
     return launch(kernel, grid, THREADS, shared_of(D, block_keys, element), stream, q, k_new, v_new, k, v, cos, sin,
