@@ -67,8 +67,8 @@ def main():
         rotary = Rotary(RopeConfig(theta=500000.0), d)
         rotary.prepare(kv_len, torch.device("cuda"))
         pos = torch.tensor([position], device="cuda")
-        t = graph_time(lambda: ext.decode_attention(qh, kv_new[0], kv_new[1], cache[0], cache[1], rotary.cos, rotary.sin,
-                                                    pos, kv_len, 0, d**-0.5, 0.0, counters))
+        t = graph_time(lambda: ext.decode_attention(qh, kv_new[0], kv_new[1], cache[0], cache[1], rotary.cos,
+                                                    rotary.sin, pos, kv_len, 0, d**-0.5, 0.0, counters))
         size = 2 * kv_heads * (position + 1) * d * 2  # the visible keys and values, fp16
         print(f"| decode attention, {position + 1} keys | 1 | {t * 1e6:.1f} | {size / t / 1e9:.0f} | "
               f"{size / t / COPY_BANDWIDTH:.0%} |")

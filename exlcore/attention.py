@@ -1,7 +1,8 @@
 """Multi-head attention with grouped KV heads, with the variants the architectures need: sliding window,
 logit soft-capping, QK norm and a custom query scale. Prefill runs on torch SDPA; single-token decode on CUDA
-runs the extension's fused kernel (rotary, cache write and attention); elsewhere decode and soft-capped layers take an explicit path that needs no
-repeated KV heads. Both decode paths capture into CUDA graphs."""
+runs the extension's fused kernel (rotary, cache write and attention in one launch); elsewhere decode and
+soft-capped layers take an explicit path that needs no repeated KV heads. Both decode paths capture into CUDA
+graphs."""
 
 from dataclasses import dataclass, field
 

@@ -29,7 +29,7 @@ class GenerationStats:
         return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-class _to_host:
+class _Readback:
     """A (1,) device tensor's value, copied to the host without waiting for work queued after it."""
 
     def __init__(self, t: torch.Tensor):
@@ -123,7 +123,7 @@ class Generator:
         logits = self._prefill(ids)
         seen = torch.tensor([ids], device=device)
         token = sample(logits[:, -1], settings, seen, rng)  # (1,), on the device
-        pending = _to_host(token)
+        pending = _Readback(token)
         try:
             while True:
                 stats.new_tokens += 1
@@ -134,7 +134,7 @@ class Generator:
                     seen = torch.cat([seen, token[:, None]], dim=1)
                     logits = self._feed(token)
                     token = sample(logits[:, -1], settings, seen, rng)
-                    pending, value = _to_host(token), pending.value()
+                    pending, value = _Readback(token), pending.value()
                 else:
                     value = pending.value()
                 if stats.new_tokens == 1:  # prefill time includes the first token's sampling

@@ -49,8 +49,8 @@ __device__ __forceinline__ float rotated(const T* row, int d, int D, const float
 
 // 16-byte asynchronous copy global -> shared.
 __device__ __forceinline__ void copy16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))),
-                 "l"(src));
+    const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(src));
 }
 
 template <typename T, int MAX_D>
@@ -342,7 +342,8 @@ cudaError_t decode_attention(const T* q, const T* k_new, const T* v_new, T* k, T
         if (r == cudaSuccess) r = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
         if (r == cudaSuccess) r = cudaFuncGetAttributes(&a, kernel);
         if (r == cudaSuccess)
-            r = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most - (int)a.sharedSizeBytes);
+            r = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     most - (int)a.sharedSizeBytes);
         return int(r);
     });
     if (e != cudaSuccess) return cudaError_t(e);
