@@ -123,6 +123,18 @@ def test_gptq_matmul_matches_reference(ext, m, act_order, v2):
     assert float((kernel(x.cuda()).double().cpu() - expected).norm() / expected.norm()) < 2e-3
 
 
+def test_one_launch_takes_one_format(ext):
+    """EXL2 and GPTQ matrices of one input cannot share a launch (the kernel is built for one format): one clear
+    error, not wrong numbers."""
+    lin = random_linear(MIXES["4/3 g128"], n=160, seed=1)
+    k = lin.codes.shape[0]
+    exl2_kernel = QMatmul.exl2(ext, {s: v.cuda() for s, v in lin.pack().items()}, "layer", k, 160)
+    tensors, *_ = make_gptq(k, 160, 32, False, False)
+    gptq_kernel = QMatmul.gptq(ext, {s: t.cuda() for s, t in tensors.items()}, "layer", k, 160, False)
+    with pytest.raises(RuntimeError, match="all EXL2 or all GPTQ"):
+        matmul([exl2_kernel, gptq_kernel], torch.randn(1, k).half().cuda())
+
+
 def test_packed_linears_with_bias_sharing_one_launch(tmp_path, tiny_tokenizer_dir):
     """q/k/v and gate/up with biases go through one launch each (layers.project), biases added after."""
     from test_exl2 import to_exl2
