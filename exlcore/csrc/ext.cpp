@@ -207,8 +207,9 @@ void rotary_cache_(const torch::Tensor& q, const torch::Tensor& k, const torch::
     });
 }
 
-// q (B, H, D) one query per sequence; k, v (B, KVH, S, D) caches; positions (B,) int64; counters int32, zero
-// (left zero), B * H of them at most needed.
+// q (B, H, D) one query per sequence, k_new and v_new (B, KVH, D) its key and value, written to the caches k, v
+// (B, KVH, S, D) at positions (B,) int64, q and k_new rotated first when the fp32 tables cos, sin are given;
+// counters int32, zero (left zero), B * H of them at most needed.
 torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
                                 const torch::Tensor& k, const torch::Tensor& v, const std::optional<torch::Tensor>& cos,
                                 const std::optional<torch::Tensor>& sin, const torch::Tensor& positions, int64_t kv_len,
@@ -289,7 +290,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rotary_", &rotary_, "rotary embedding in place, rotate-half layout");
     m.def("rotary_cache_", &rotary_cache_, "rotary on q in place and on k into the KV cache beside v, one launch");
     m.def("act_mul", &act_mul_, "act(gate) * up; act 0 = SiLU, 1 = tanh GELU");
-    m.def("decode_attention", &decode_attention_, "single-query attention over a KV cache, split over keys, with the step's rotary and cache write");
+    m.def("decode_attention", &decode_attention_,
+          "single-query attention over a KV cache, split over keys, with the step's rotary and cache write");
     m.def("gptq_rows", &gptq_rows_, "GPTQ over a block of up to 32 rows, in place");
     m.def("scale_errors", &scale_errors_, "EXL2 scale search: summed |error|^3.5 per candidate scale");
 }

@@ -1,7 +1,7 @@
 #include "convert.cuh"
+#include "elementwise.cuh"
 #include "fused.cuh"
 #include "launch.cuh"
-#include "elementwise.cuh"
 
 namespace {
 
