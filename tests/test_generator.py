@@ -65,6 +65,23 @@ def test_cached_prefix_gives_the_same_tokens(model):
     assert reused == fresh
 
 
+def test_repetition_penalty_sees_the_generated_tokens(model):
+    """Greedy with a repetition penalty over the prompt and every token generated so far: the same tokens as
+    recomputing the whole sequence each step and penalising all of it."""
+    import torch
+
+    from exlcore.sampling import apply_repetition_penalty
+
+    ids = model.tokenizer.encode("Once upon a time")
+    got = list(exlcore.Generator(model, max_seq_len=128).tokens(ids, max_new_tokens=12, temperature=0,
+                                                                 repetition_penalty=1.8, stop_ids=set()))
+    seq = list(ids)
+    for _ in range(12):
+        logits = model.forward(torch.tensor([seq]))[:, -1]
+        seq.append(int(apply_repetition_penalty(logits, torch.tensor([seq]), 1.8).argmax()))
+    assert got == seq[len(ids):]
+
+
 def test_seeded_sampling_repeats(model):
     gen = exlcore.Generator(model, max_seq_len=128)
     a = gen.generate("Once", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=3)
