@@ -131,7 +131,8 @@ class Generator:
                 # the host reads, checks and yields this one. A stop token fed this way stays in the cache, valid.
                 fed = stats.new_tokens < max_new_tokens
                 if fed:
-                    seen = torch.cat([seen, token[:, None]], dim=1)
+                    if settings.repetition_penalty != 1.0:  # the only reader of `seen`
+                        seen = torch.cat([seen, token[:, None]], dim=1)
                     logits = self._feed(token)
                     token = sample(logits[:, -1], settings, seen, rng)
                     pending, value = _Readback(token), pending.value()
