@@ -130,9 +130,13 @@ class QMatmul:
         return self.ext.qm_weight(self.tensors).T[: self.out_features]
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> contiguous (M, K)."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
 def matmul(mats: list[QMatmul], x: torch.Tensor, up: torch.Tensor | None = None, act: int = 0) -> list[torch.Tensor]:
     """x @ W^T for several packed linears of one input, in one kernel launch for fp16 decode. With `up`, the input
     is act(x) * up (act 0 = SiLU, 1 = tanh GELU), which fp16 decode computes as it reads x."""
-    rows = (lambda t: t.reshape(-1, t.shape[-1]).contiguous())
-    ys = mats[0].ext.qm_matmul(rows(x), [m.tensors for m in mats], None if up is None else rows(up), act)
+    ys = mats[0].ext.qm_matmul(_rows(x), [m.tensors for m in mats], None if up is None else _rows(up), act)
     return [y.view(*x.shape[:-1], -1)[..., : m.out_features] for m, y in zip(mats, ys)]
