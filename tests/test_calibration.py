@@ -1,7 +1,9 @@
 """Calibration rows: the built-in mix (every source contributes, none of it from the evaluation slice) and
 parquet input, with the tiny real tokenizer."""
 
+import os
 import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +14,7 @@ from exlcore.calibration import CALIBRATION_DIR, calibration_rows, default_texts
 from exlcore.errors import ExlError
 from exlcore.evaluate import EVALUATION_TEXT
 from exlcore.tokenizer import Tokenizer
-from tiny import SHARED
+from tiny import TINY_TEXT
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +53,24 @@ def test_calibration_never_sees_the_evaluation_slice(tokenizer):
     evaluation = EVALUATION_TEXT.read_text(encoding="utf-8")
     docs = lambda text: set(re.findall(r'^<doc id="\d+"', text, re.M))  # noqa: E731
     assert docs(calibration_wiki) and docs(evaluation) and not docs(calibration_wiki) & docs(evaluation)
-    wiki = (SHARED / "data" / "wiki.utf8").read_text(encoding="utf-8")
-    cut = len(wiki) - len(evaluation)
-    assert wiki[cut:] == evaluation and len(calibration_wiki) <= cut and wiki.startswith(calibration_wiki)
     for row in calibration_rows(tokenizer, 10, 64)[:row_counts(10)["wiki"]]:
         text = text_of(tokenizer, row)
         assert text in calibration_wiki and text not in evaluation
+
+
+def test_packaged_text_comes_from_the_shared_source():
+    """The package's wiki text is a prefix of ../shared/data/wiki.utf8 and its evaluation slice that file's tail,
+    with no overlap; its tiny.utf8 (which the tests read) is the shared one byte for byte. Needs the shared folder
+    beside the checkout (or EXLCORE_SHARED_DIR), as the project's CI has it."""
+    shared = Path(os.environ.get("EXLCORE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "data"
+    if not shared.is_dir():
+        pytest.skip(f"{shared} not found: the source text to check the packaged copies against")
+    wiki = (shared / "wiki.utf8").read_text(encoding="utf-8")
+    calibration_wiki = (CALIBRATION_DIR / "wiki.utf8").read_text(encoding="utf-8")
+    evaluation = EVALUATION_TEXT.read_text(encoding="utf-8")
+    cut = len(wiki) - len(evaluation)
+    assert wiki[cut:] == evaluation and len(calibration_wiki) <= cut and wiki.startswith(calibration_wiki)
+    assert (shared / "tiny.utf8").read_bytes() == TINY_TEXT.read_bytes()
 
 
 def test_short_source_wraps_around(tokenizer):
@@ -67,7 +81,7 @@ def test_short_source_wraps_around(tokenizer):
 
 
 def test_parquet_rows_are_the_leading_tokens_of_its_text(tokenizer, tmp_path):
-    pieces = (SHARED / "data" / "tiny.utf8").read_text()[200_000:220_000].split("\n\n")
+    pieces = TINY_TEXT.read_text()[200_000:220_000].split("\n\n")
     pq.write_table(pa.table({"id": list(range(len(pieces))), "text": pieces}), tmp_path / "data.parquet")
     rows = calibration_rows(tokenizer, 3, 32, tmp_path / "data.parquet")
     assert rows.shape == (3, 32) and rows.dtype == torch.int64

@@ -21,7 +21,7 @@ from exlcore.conversion.capture import Capture, Group
 from exlcore.evaluate import evaluate
 from exlcore.layers import Linear
 from exlcore.rope import inv_frequencies, parse_rope
-from tiny import SHARED, make_tiny
+from tiny import TINY_TEXT, make_tiny
 
 # EXL2 needs widths that are multiples of 32; the other settings keep every conversion to a few seconds.
 SHAPES = dict(hidden_size=128, head_dim=32, intermediate_size=256, num_hidden_layers=3)
@@ -51,7 +51,7 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def eval_rows(model) -> torch.Tensor:
-    text = (SHARED / "data" / "tiny.utf8").read_text()[-40000:]
+    text = TINY_TEXT.read_text()[-40000:]
     from exlcore.evaluate import windows
     return windows(model.tokenizer.encode(text), 128, 8)
 

@@ -11,9 +11,9 @@ import torch
 
 from exlcore.cli import main
 from test_exl2 import to_exl2
-from tiny import SHARED, make_tiny
+from tiny import TINY_TEXT, make_tiny
 
-TEXT = (SHARED / "data" / "tiny.utf8").read_text()[200_000:230_000]  # past what the tokenizer saw
+TEXT = TINY_TEXT.read_text()[200_000:230_000]  # past what the tokenizer saw
 
 
 def run_ppl(capsys, *args) -> tuple[float, float | None]:

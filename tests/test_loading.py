@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import exlcore
 from exlcore.cli import main
-from tiny import SHARED, make_tiny
+from tiny import TINY_TEXT, make_tiny
 
 
 def test_sharded_with_and_without_index(tmp_path, tiny_tokenizer_dir):
@@ -56,7 +56,7 @@ def sentencepiece_model(tmp_path_factory) -> bytes:
     """A real sentencepiece BPE model trained on the shared text, Llama-style special ids."""
     folder = tmp_path_factory.mktemp("sp")
     text = folder / "text.txt"
-    text.write_text((SHARED / "data" / "tiny.utf8").read_text()[:300_000])
+    text.write_text(TINY_TEXT.read_text()[:300_000])
     spm.SentencePieceTrainer.Train(input=str(text), model_prefix=str(folder / "sp"), vocab_size=500, model_type="bpe",
                                    unk_id=0, bos_id=1, eos_id=2, byte_fallback=True,
                                    user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2)

@@ -1,15 +1,16 @@
 """Tiny random-weight Hugging Face models, saved with transformers, for comparing exlcore against it."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-# The project's shared data folder (../shared beside the checkout); EXLCORE_SHARED_DIR points elsewhere,
-# e.g. on the GPU machine, where a copy travels with the working tree.
-SHARED = Path(os.environ.get("EXLCORE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+from exlcore.calibration import CALIBRATION_DIR
+
+# The children's stories text: the package's calibration copy, byte-identical to ../shared/data/tiny.utf8
+# (test_calibration checks it where ../shared is at hand).
+TINY_TEXT = CALIBRATION_DIR / "tiny.utf8"
 
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=0, eos_token_id=2,
@@ -65,7 +66,7 @@ def write_tiny_tokenizer(folder: Path) -> Path:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(vocab_size=COMMON["vocab_size"], special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = (SHARED / "data" / "tiny.utf8").read_text()[:200_000]
+    text = TINY_TEXT.read_text()[:200_000]
     tok.train_from_iterator([text[i:i + 1000] for i in range(0, len(text), 1000)], trainer)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
