@@ -6,7 +6,7 @@
 // (cp.async). Codes become fp16 (code - zero), exactly, with the 0x6400 exponent trick (1024 + code, or code << S
 // scaled back by an exact fma); the tensor cores sum their products with x in fp32 over a group, and each group's
 // sums are scaled once: a weight is (code - zero) * scale unrounded, where the reference rounds it to fp16.
-// Slices of one warp's columns are summed by the last warp to finish (a counter per warp's columns), in slice order,
+// Slices of one warp's columns are summed by the last warp to finish (a counter per warp's columns), in a fixed order,
 // so results do not depend on timing, and the output is written once, in fp16.
 #include <algorithm>
 #include <type_traits>
@@ -222,6 +222,13 @@ __device__ __forceinline__ void fetch_chunk(const Fetch& f, unsigned offset, int
     }
 }
 
+// counter += 1, returning its old value, with release and acquire semantics at GPU scope.
+__device__ __forceinline__ int count_in(int* counter) {
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+    return old;
+}
+
 __device__ __forceinline__ void fetch_commit() { asm volatile("cp.async.commit_group;"); }
 
 template <int PENDING>
@@ -416,25 +423,47 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     for_outputs([&](int m, int col, float v0, float v1) {
         __stcg(reinterpret_cast<float2*>(partial + ((size_t)split * M + m) * w.N + col), make_float2(v0, v1));
     });
-    __threadfence();  // this slice's sums are visible everywhere before it is counted
+    // Count the slice in. The warp's barrier orders every lane's sums before lane 0's release, and the last slice's
+    // acquire orders every slice's sums before its lanes' loads (after the second barrier).
     __syncwarp();
     int* counter = w.counters + wtile;
     int done = 0;
-    if (lane == 0) done = atomicAdd(counter, 1);
+    if (lane == 0) done = count_in(counter);
     done = __shfl_sync(0xFFFFFFFFu, done, 0);
     if (done != splits - 1) return;
     __syncwarp();
-    __threadfence();  // the last slice in: every other slice's sums are visible now
-    for_outputs([&](int m, int col, float, float) {
-        float2 s = make_float2(0.f, 0.f);
-#pragma unroll 8
-        for (int k = 0; k < splits; k++) {
-            const float2 v = __ldcg(reinterpret_cast<const float2*>(partial + ((size_t)k * M + m) * w.N + col));
-            s.x += v.x;
-            s.y += v.y;
+    // The last slice in sums them all, every lane taking 4 columns of a row and one half of the slices (even or odd,
+    // each in slice order, BATCH loads in flight), then adding its neighbour's half: a fixed order, whatever the
+    // timing, and few round trips to L2 however many slices there are.
+    constexpr int GROUPS = ROW / 4, BATCH = 8;
+    for (int item = lane; item < M * GROUPS * 2; item += 32) {  // a multiple of 32: every lane takes each turn
+        const int half = item & 1, m = item / 2 / GROUPS, col = wtile * ROW + item / 2 % GROUPS * 4;
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (col < w.N) {  // N is a multiple of 8: all 4 columns exist
+            const float* p = partial + (size_t)m * w.N + col;
+            for (int k0 = half; k0 < splits; k0 += 2 * BATCH) {
+                float4 v[BATCH];
+#pragma unroll
+                for (int u = 0; u < BATCH; u++)
+                    v[u] = k0 + 2 * u < splits ? __ldcg(reinterpret_cast<const float4*>(p + (size_t)(k0 + 2 * u) * M * w.N))
+                                               : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+                for (int u = 0; u < BATCH; u++) {
+                    sum.x += v[u].x;
+                    sum.y += v[u].y;
+                    sum.z += v[u].z;
+                    sum.w += v[u].w;
+                }
+            }
         }
-        *reinterpret_cast<half2*>(out + (size_t)m * w.N + col) = __floats2half2_rn(s.x, s.y);
-    });
+        sum.x += __shfl_xor_sync(0xFFFFFFFFu, sum.x, 1);
+        sum.y += __shfl_xor_sync(0xFFFFFFFFu, sum.y, 1);
+        sum.z += __shfl_xor_sync(0xFFFFFFFFu, sum.z, 1);
+        sum.w += __shfl_xor_sync(0xFFFFFFFFu, sum.w, 1);
+        if (half == 0 && col < w.N)
+            *reinterpret_cast<uint2*>(out + (size_t)m * w.N + col) =
+                make_uint2(bits_of(__floats2half2_rn(sum.x, sum.y)), bits_of(__floats2half2_rn(sum.z, sum.w)));
+    }
     if (lane == 0) *counter = 0;  // ready for the next launch (CUDA graphs replay the same counters)
 }
 
