@@ -15,6 +15,7 @@
 
 #include "attention.cuh"
 #include "convert.cuh"
+#include "counter.cuh"
 #include "elementwise.cuh"
 #include "launch.cuh"
 
@@ -240,12 +241,10 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
         ml[0] = top[tid];
         ml[1] = total[tid];
     }
-    __threadfence();  // this split's partials are visible everywhere before it is counted
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(counters + blockIdx.y, 1) == splits - 1;
-    __syncthreads();
+    __syncthreads();  // every thread's partials written before thread 0 counts the split in
+    if (tid == 0) last = count_in(counters + blockIdx.y) == splits - 1;
+    __syncthreads();  // in the last split, every thread's loads below after thread 0's acquire
     if (!last) return;
-    __threadfence();  // every other split's partials are visible now
 
     // Per head, a warp each: the largest of the splits' maxima, and the splits' sums of exponentials scaled to it
     // (a split with no visible key adds nothing).

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "counter.cuh"
 #include "elementwise.cuh"
 #include "launch.cuh"
 #include "qmatmul.cuh"
@@ -204,8 +205,11 @@ struct Fetch {
 
 __device__ __forceinline__ Fetch fetch_for(const QMatrix& w, int wtile, int lane, const uint32_t* stage0) {
     const int j = lane / (ROW / 4), piece = 4 * (lane % (ROW / 4)), col = wtile * ROW + piece;
-    return {reinterpret_cast<uint64_t>(w.q_weight + (size_t)j * w.N + (col < w.N ? col : 0)), unsigned(STEP * w.N),
+    Fetch f{reinterpret_cast<uint64_t>(w.q_weight + (size_t)j * w.N + (col < w.N ? col : 0)), unsigned(STEP * w.N),
             static_cast<unsigned>(__cvta_generic_to_shared(stage0 + j * ROW + piece)), j, col < w.N ? 16 : 0};
+    // Kept in registers: left to itself, the compiler recomputes these from the thread index for every chunk.
+    asm volatile("" : "+l"(f.src), "+r"(f.dst));
+    return f;
 }
 
 // The chunk whose first word is `offset` (its row * N) and has `words` rows, into the stage `stage` bytes past
@@ -220,13 +224,6 @@ __device__ __forceinline__ void fetch_chunk(const Fetch& f, unsigned offset, int
                          "l"(src), "r"(f.bytes));
         }
     }
-}
-
-// counter += 1, returning its old value, with release and acquire semantics at GPU scope.
-__device__ __forceinline__ int count_in(int* counter) {
-    int old;
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
-    return old;
 }
 
 __device__ __forceinline__ void fetch_commit() { asm volatile("cp.async.commit_group;"); }
@@ -423,9 +420,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     for_outputs([&](int m, int col, float v0, float v1) {
         __stcg(reinterpret_cast<float2*>(partial + ((size_t)split * M + m) * w.N + col), make_float2(v0, v1));
     });
-    // Count the slice in. The warp's barrier orders every lane's sums before lane 0's release, and the last slice's
-    // acquire orders every slice's sums before its lanes' loads (after the second barrier).
-    __syncwarp();
+    __syncwarp();  // count the slice in (counter.cuh)
     int* counter = w.counters + wtile;
     int done = 0;
     if (lane == 0) done = count_in(counter);
