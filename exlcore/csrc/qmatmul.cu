@@ -435,13 +435,15 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
         const int half = item & 1, m = item / 2 / GROUPS, col = wtile * ROW + item / 2 % GROUPS * 4;
         float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
         if (col < w.N) {  // N is a multiple of 8: all 4 columns exist
-            const float* p = partial + (size_t)m * w.N + col;
+            const float* p = partial + (size_t)m * w.N + col;  // slice k's at p + k * M * N
             for (int k0 = half; k0 < splits; k0 += 2 * BATCH) {
                 float4 v[BATCH];
 #pragma unroll
-                for (int u = 0; u < BATCH; u++)
-                    v[u] = k0 + 2 * u < splits ? __ldcg(reinterpret_cast<const float4*>(p + (size_t)(k0 + 2 * u) * M * w.N))
-                                               : make_float4(0.f, 0.f, 0.f, 0.f);
+                for (int u = 0; u < BATCH; u++) {
+                    const int k = k0 + 2 * u;
+                    v[u] = k < splits ? __ldcg(reinterpret_cast<const float4*>(p + (size_t)k * M * w.N))
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+                }
 #pragma unroll
                 for (int u = 0; u < BATCH; u++) {
                     sum.x += v[u].x;
