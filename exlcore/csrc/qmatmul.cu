@@ -123,8 +123,9 @@ constexpr uint32_t fp16_bits(int v) {
     return v == 0 ? 0 : (v < 0 ? 0x8000u : 0u) | uint32_t(e + 15) << 10 | ((m << (10 - e)) & 0x3FFu);
 }
 
-// A group's parameters for the lane's columns n .. n + 3, as loaded: EXL2's four 4-bit scale codes (the low 16 bits)
-// and q_scale_max; GPTQ's (scale, 1024 + zero point) of each column.
+// A group's parameters for the lane's columns n .. n + 3, as loaded: EXL2's word of 8 4-bit scale codes, q_scale_max
+// and the bit where column n's code starts (kept apart so that nothing waits for the load until the scales are
+// used, at the group's end); GPTQ's (scale, 1024 + zero point) of each column.
 struct GroupRaw {
     uint32_t v[4];
 };
@@ -135,8 +136,8 @@ __device__ __forceinline__ GroupRaw load_group(const QMatrix& w, int group, int 
         const uint4 r = __ldg(reinterpret_cast<const uint4*>(w.scale_zero + (size_t)group * w.N + n));
         return {{r.x, r.y, r.z, r.w}};
     } else {
-        return {{__ldg(w.scale_codes + (size_t)group * (w.N / 8) + n / 8) >> (4 * (n % 8)),
-                 __half_as_ushort(__ldg(w.scale_max + group)), 0, 0}};
+        return {{__ldg(w.scale_codes + (size_t)group * (w.N / 8) + n / 8),
+                 __half_as_ushort(__ldg(w.scale_max + group)), uint32_t(4 * (n % 8)), 0}};
     }
 }
 
@@ -144,7 +145,7 @@ __device__ __forceinline__ GroupRaw load_group(const QMatrix& w, int group, int 
 template <bool GPTQ>
 __device__ __forceinline__ half scale_of(const GroupRaw& r, int c) {
     if constexpr (GPTQ) return __low2half(as_half2(r.v[c]));
-    const int code = ((r.v[0] >> (4 * c)) & 15) + 1;
+    const int code = ((r.v[0] >> r.v[2] >> (4 * c)) & 15) + 1;
     return __hmul(__int2half_rn(code * code), __hmul(__ushort_as_half(r.v[1]), __float2half(1.0f / 256)));
 }
 
