@@ -13,6 +13,8 @@ the head at 6 bits as exllamav2's default -hb 6 makes it). Both libraries load t
            flash-attn here; exlcore: torch SDPA).
   GB/s     bytes of quantized weights read per decode step (every linear's tensors, the fp16 embedding row
            aside) x steps/s; compared with the measured 3.0 TB/s copy bandwidth.
+  read     the step's packed q_weight tensors read by one torch.sum each, in model order, replayed from a CUDA
+           graph: a library's reduction over the same bytes, one kernel per matrix, with no matmul at all.
   profile  (--profile) exlcore's GPU time per kernel over 16 batch-1 decode steps, from torch.profiler.
 """
 
@@ -152,6 +154,20 @@ def decode_profile(g: "exlcore.Generator", prompt: list[int], steps: int = 16) -
     return "\n".join(lines)
 
 
+def torch_read(model) -> tuple[float, int]:
+    """Seconds and bytes of reading every packed linear's q_weight with one torch.sum each, in model order, from a
+    CUDA graph (median of 5 replays)."""
+    from exlcore.layers import Linear
+
+    weights = [m.kernel.tensors[0].view(torch.float32) for m in model.modules()
+               if isinstance(m, Linear) and m.kernel is not None]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            w.sum()
+    return timed(graph.replay, 5), sum(w.numel() * 4 for w in weights)
+
+
 def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -167,6 +183,7 @@ def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: b
             pass
         prompt = prompt[1:] + prompt[:1]  # a new prompt: no cached prefix
     r["decode_1"] = g.stats.decode_tokens_per_second
+    r["torch_read_s"], r["torch_read_bytes"] = torch_read(model)
     if profile:
         print(decode_profile(g, prompt), flush=True)
     for batch in (4, 16):
@@ -252,6 +269,10 @@ def main():
         gbps = weight_bytes * r["decode_1"] / 1e9
         lines.append(f"| {name} | {r['load_s']:.1f} | {r['peak_gb']:.2f} | {r['prefill']:,.0f} | {r['decode_1']:.1f} | "
                      f"{gbps:.0f} | {gbps * 1e9 / COPY_BANDWIDTH:.1%} | {r['decode_4']:.1f} | {r['decode_16']:.1f} |")
+    r = rows["exlcore"]
+    lines.append(f"\nThe step's q_weight tensors ({r['torch_read_bytes'] / 1e9:.2f} GB) read by one torch.sum each take "
+                 f"{r['torch_read_s'] * 1e3:.2f} ms ({r['torch_read_bytes'] / r['torch_read_s'] / 1e9:.0f} GB/s); "
+                 f"an exlcore batch-1 step takes {1e3 / r['decode_1']:.2f} ms.")
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:
