@@ -302,8 +302,8 @@ def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap, kv_
     """The new token's q and k rotated and its k and v written to the caches at its position (the same bits as
     rotary_ and a copy; nothing else in the caches changes), then attention split over keys in blocks of 32 and
     more (kv_len 32 or less: one block, which writes the output itself), with splits that see no key, windows that
-    cross splits, and groups of query heads over 8 (taken in slices). Twice: the kernel must leave its counters
-    at zero."""
+    cross splits, and 1, 2, 3, 4, 8 and 12 query heads per KV head (each size the kernel is unrolled for, one short
+    of it, and over 8, taken in slices). Twice: the kernel must leave its counters at zero."""
     from exlcore.attention import explicit_attention
     from exlcore.rope import RopeConfig, Rotary
 
