@@ -328,8 +328,7 @@ int splits_of(int kv_len, int D, int element) {
     return (kv_len + block_keys_of(kv_len, D, element) - 1) / block_keys_of(kv_len, D, element);
 }
 
-// The kernel for head size D and H / KVH query heads per KV head: unrolled for no more heads than a block takes
-// (its code is long, and blocks run once per step, each fetching it).
+// The kernel for head size D and `group` query heads per KV head: the smallest GROUP that holds them (see above).
 template <typename T, int MAX_D>
 auto kernel_for(int group) {
     return group <= 1 ? decode_attention_kernel<T, MAX_D, 1> : group <= 2 ? decode_attention_kernel<T, MAX_D, 2>
