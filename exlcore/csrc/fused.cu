@@ -1,3 +1,5 @@
+#include <type_traits>
+
 #include "convert.cuh"
 #include "elementwise.cuh"
 #include "fused.cuh"
@@ -18,40 +20,74 @@ __device__ float block_sum(float v) {
     return v;
 }
 
-template <typename T>
+// A row's norm with each thread holding PER of its elements (i = threadIdx.x + u * blockDim.x) in registers, so the
+// row is read once. The weights are loaded before the wait (no kernel writes them): in a decode step their load
+// overlaps the kernel before instead of adding a round trip to memory after the sum of squares.
+template <int PER>
+__device__ __forceinline__ void load_weights(const float* __restrict__ w, int dim, float (&wr)[PER]) {
+#pragma unroll
+    for (int u = 0; u < PER; u++) {
+        const int i = threadIdx.x + u * blockDim.x;
+        wr[u] = i < dim ? __uint_as_float(load_early(w + i)) : 0.f;
+    }
+}
+
+// out[i] = v[i] * rsqrt(mean(v^2) + eps) * w[i], v zero past dim.
+template <typename T, int PER>
+__device__ __forceinline__ void write_normed(const float (&v)[PER], const float (&wr)[PER], T* __restrict__ out,
+                                             int dim, float eps) {
+    float ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < PER; u++) ss += v[u] * v[u];
+    const float r = rsqrtf(block_sum(ss) / dim + eps);
+#pragma unroll
+    for (int u = 0; u < PER; u++) {
+        const int i = threadIdx.x + u * blockDim.x;
+        if (i < dim) out[i] = from_float<T>(v[u] * r * wr[u]);
+    }
+}
+
+template <typename T, int PER>
 __global__ void rms_norm_kernel(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ out, int dim,
                                 float eps) {
+    float wr[PER], v[PER];
+    load_weights(w, dim, wr);
     dependency_wait();
     dependents_start();
-    const T* row = x + (size_t)blockIdx.x * dim;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        const float v = to_float(row[i]);
-        ss += v * v;
+    const size_t row = (size_t)blockIdx.x * dim;
+#pragma unroll
+    for (int u = 0; u < PER; u++) {
+        const int i = threadIdx.x + u * blockDim.x;
+        v[u] = i < dim ? to_float(x[row + i]) : 0.f;
     }
-    const float r = rsqrtf(block_sum(ss) / dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x)
-        out[(size_t)blockIdx.x * dim + i] = from_float<T>(to_float(row[i]) * r * w[i]);
+    write_normed(v, wr, out + row, dim, eps);
 }
 
 // rms_norm_kernel on the rounded sums, with the same threads and order of summation: the same bits as the add
 // and the norm run apart.
-template <typename R, typename H>
+template <typename R, typename H, int PER>
 __global__ void add_rms_norm_kernel(const R* __restrict__ x, const H* __restrict__ h, const float* __restrict__ w,
                                     R* __restrict__ sum, H* __restrict__ out, int dim, float eps) {
+    float wr[PER], v[PER];
+    load_weights(w, dim, wr);
     dependency_wait();
     dependents_start();
     const size_t row = (size_t)blockIdx.x * dim;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        const R s = from_float<R>(to_float(x[row + i]) + to_float(h[row + i]));
-        sum[row + i] = s;
-        const float v = to_float(s);
-        ss += v * v;
+    float hv[PER];  // every load in flight before the first store: the compiler keeps loads after stores
+#pragma unroll
+    for (int u = 0; u < PER; u++) {
+        const int i = threadIdx.x + u * blockDim.x;
+        v[u] = i < dim ? to_float(x[row + i]) : 0.f;
+        hv[u] = i < dim ? to_float(h[row + i]) : 0.f;
     }
-    const float r = rsqrtf(block_sum(ss) / dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x)  // each thread reads back only the sums it wrote
-        out[row + i] = from_float<H>(to_float(sum[row + i]) * r * w[i]);
+#pragma unroll
+    for (int u = 0; u < PER; u++) {
+        const int i = threadIdx.x + u * blockDim.x;
+        const R s = from_float<R>(v[u] + hv[u]);
+        v[u] = to_float(s);
+        if (i < dim) sum[row + i] = s;
+    }
+    write_normed(v, wr, out + row, dim, eps);
 }
 
 // Rotate-half rotation of one head's row by table rows c, s, read from src and written to dst (may be src).
@@ -106,17 +142,36 @@ __global__ void act_mul_kernel(const T* __restrict__ gate, const T* __restrict__
 // Threads for a row of `dim`: rms_norm and add_rms_norm must agree, so their sums of squares match.
 int norm_threads(int dim) { return dim >= 1024 ? 1024 : ((dim + 31) / 32) * 32; }
 
+// f(integral_constant<int, PER>()): the norm kernel whose threads hold PER elements each, enough for a row of dim.
+template <typename F>
+cudaError_t with_row_share(int dim, F&& f) {
+    using std::integral_constant;
+    const int per = (dim + norm_threads(dim) - 1) / norm_threads(dim);
+    if (per <= 1) return f(integral_constant<int, 1>{});
+    if (per <= 2) return f(integral_constant<int, 2>{});
+    if (per <= 4) return f(integral_constant<int, 4>{});
+    if (per <= 8) return f(integral_constant<int, 8>{});
+    if (per <= 16) return f(integral_constant<int, 16>{});
+    if (per <= 32) return f(integral_constant<int, 32>{});
+    return cudaErrorInvalidValue;  // rows of more than 32768 elements
+}
+
 }  // namespace
 
 template <typename T>
 cudaError_t rms_norm(const T* x, const float* w, T* out, int rows, int dim, float eps, cudaStream_t stream) {
-    return launch(rms_norm_kernel<T>, rows, norm_threads(dim), 0, stream, x, w, out, dim, eps);
+    return with_row_share(dim, [&](auto per) {
+        return launch(rms_norm_kernel<T, per.value>, rows, norm_threads(dim), 0, stream, x, w, out, dim, eps);
+    });
 }
 
 template <typename R, typename H>
 cudaError_t add_rms_norm(const R* x, const H* h, const float* w, R* sum, H* out, int rows, int dim, float eps,
                          cudaStream_t stream) {
-    return launch(add_rms_norm_kernel<R, H>, rows, norm_threads(dim), 0, stream, x, h, w, sum, out, dim, eps);
+    return with_row_share(dim, [&](auto per) {
+        return launch(add_rms_norm_kernel<R, H, per.value>, rows, norm_threads(dim), 0, stream, x, h, w, sum, out,
+                      dim, eps);
+    });
 }
 
 template <typename T>

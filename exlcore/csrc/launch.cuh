@@ -7,6 +7,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include <map>
 #include <mutex>
 #include <utility>
@@ -21,6 +23,15 @@ __device__ __forceinline__ void dependents_start() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// A 4-byte load of data no kernel writes, issued before a later dependency_wait(): ptxas moves the wait above
+// read-only (.nc) loads, such as __ldg's, which then start only once the kernel before has finished; a plain
+// global load stays where it is.
+__device__ __forceinline__ uint32_t load_early(const void* p) {
+    uint32_t v;
+    asm volatile("ld.global.b32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
 }
 
 // compute() for `kernel` on the current device, run once per (kernel, device, kind of query) and kept: host

@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
 #pragma unroll
     for (int i = 0; i < XS / THREADS; i++) {
         const int k = threadIdx.x + THREADS * i;
-        r[i] = k < pairs ? __ldg(w.pair_rows + pair0 + k) : 0;
+        r[i] = k < pairs ? load_early(w.pair_rows + pair0 + k) : 0;
     }
     __syncthreads();
     const Fetch fetch = fetch_for(w, wtile, lane, stages);
