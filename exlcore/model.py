@@ -22,24 +22,33 @@ def load_module(module: nn.Module, w: Weights, dtype: torch.dtype):
 
 class Block(nn.Module):
     """Pre-norm residual block: x += mlp(norm(x + attn(norm(x)))). The optional post-norms make Gemma 2/3's
-    sandwich form; mlp_norm is an RMSNorm, whose add_forward fuses the residual add before it. Architectures with
-    another block shape supply their own module with the same forward."""
+    sandwich form. A block takes and returns the hidden state as a residual x and a pending h (None for none),
+    the state being x + h: each residual add is left to the norm after it, whose add_forward does it in the same
+    launch. Architectures with another block shape supply their own module with the same forward (one that
+    returns (x, None) hands over a finished state)."""
 
-    def __init__(self, attn_norm: nn.Module, attn: Attention, mlp_norm: RMSNorm, mlp: nn.Module,
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: nn.Module,
                  post_attn_norm: nn.Module | None = None, post_mlp_norm: nn.Module | None = None):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
         self.post_attn_norm, self.post_mlp_norm = post_attn_norm, post_mlp_norm
 
-    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x).to(step.dtype), step)
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each add makes a new x: the caller's (conversion reruns its states) stays intact.
+        x, n = self.attn_norm.add_forward(x, h) if h is not None else (x, self.attn_norm(x))
+        h = self.attn(n.to(step.dtype), step)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x, h = self.mlp_norm.add_forward(x, h)  # a new x: the caller's (conversion reruns its states) stays intact
+        x, h = self.mlp_norm.add_forward(x, h)
         h = self.mlp(h)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return x + h.to(x.dtype)
+        return x, h
+
+
+def settled(x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+    """A block's (x, h) as one hidden state."""
+    return x if h is None else x + h.to(x.dtype)
 
 
 class Model(nn.Module):
@@ -79,12 +88,13 @@ class Model(nn.Module):
         for rotary in self.rotaries:
             rotary.prepare(step.kv_len, self.device)
         residual = torch.float32 if self.residual_fp32_with_fp16 and self.dtype == torch.float16 else self.dtype
-        x = self.embed(input_ids).to(residual)
+        x, h = self.embed(input_ids).to(residual), None
         for layer in self.layers:
-            x = layer(x, step)
+            x, h = layer(x, h, step)
         if last_only:
-            x = x[:, -1:]
-        return self.head(self.norm(x).to(self.dtype))
+            x, h = x[:, -1:], None if h is None else h[:, -1:]
+        normed = self.norm(x) if h is None else self.norm.add_forward(x, h)[1]
+        return self.head(normed.to(self.dtype))
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         c = self.config

@@ -12,7 +12,7 @@ from torch import nn
 
 from exlcore.attention import Step
 from exlcore.layers import Linear, SparseMoE
-from exlcore.model import Model
+from exlcore.model import Model, settled
 from exlcore.spec import Calibration
 
 ROW_TOKENS = 16384  # tokens per forward call: large enough to keep the GPU busy, small enough for attention
@@ -32,7 +32,7 @@ def run(block: nn.Module, model: Model, states: list[torch.Tensor]) -> list[torc
         for rotary in model.rotaries:
             rotary.prepare(T, x.device)
         positions = torch.arange(T, device=x.device).repeat(B, 1)
-        out.append(block(x, Step(positions, None, T, 0, x.dtype)))
+        out.append(settled(*block(x, None, Step(positions, None, T, 0, x.dtype))))
     return out
 
 
