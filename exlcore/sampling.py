@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from exlcore.errors import ExlError
+from exlcore.ext import on
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ def sample(logits: torch.Tensor, s: SamplingSettings, seen: torch.Tensor, genera
     """(B, V) logits -> (B,) token ids."""
     logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
     if s.greedy:
-        return logits.argmax(-1)
+        ext = on(logits)  # torch's argmax over a 128K vocabulary takes 27 us of a 2.8 ms step on an H100
+        return ext.argmax(logits.contiguous()) if ext is not None else logits.argmax(-1)
     probs = torch.softmax(filter_logits(logits, s), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

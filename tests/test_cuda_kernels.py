@@ -255,6 +255,23 @@ def test_rotary_cache(ext, dtype, B, T, heads, kv_heads, dim):
     assert rel(caches[0][:, :, positions[0]], apply_rotary(k.double(), cos, sin).transpose(1, 2)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 5, 4096, 4097, 128256])
+def test_argmax(ext, dtype, n):
+    """Greedy sampling's argmax is torch.argmax's, ties and NaN included: rows of random values, of repeated
+    maxima (the first wins), of -inf only, and with NaN (the first NaN wins)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(6, n, generator=g).to(dtype)
+    x[1] = x[1].round()  # many ties at the maximum
+    x[1, n // 2:] = x[1].max()
+    x[2] = float("-inf")
+    x[3, torch.randint(0, n, (2,), generator=g)] = float("nan")
+    x[4, -1] = float("inf")
+    x[5, 0] = x[5].max()  # the maximum at index 0 and again elsewhere
+    x = x.cuda()
+    assert torch.equal(ext.argmax(x), x.argmax(-1))
+
+
 @pytest.mark.parametrize("dtypes", [(t, t) for t in DTYPES] + [(torch.float32, torch.float16),
                                                                 (torch.float32, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("B,T", SHAPES)

@@ -166,6 +166,22 @@ std::vector<torch::Tensor> add_rms_norm_(const torch::Tensor& x, const torch::Te
     return {sum, out};
 }
 
+// (rows, n) -> (rows,) int64: greedy sampling's torch.argmax(x, -1).
+torch::Tensor argmax_(const torch::Tensor& x) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0, "argmax: a contiguous (rows, n) tensor, n > 0");
+    const c10::cuda::CUDAGuard guard(x.device());
+    const int rows = (int)x.size(0), n = (int)x.size(1);
+    auto out = torch::empty({rows}, x.options().dtype(torch::kLong));
+    auto partial = torch::empty({rows, argmax_blocks(n), 2}, x.options().dtype(torch::kInt));
+    dispatch(x, [&](auto tag) {
+        using T = decltype(tag);
+        check(argmax<T>(ptr<T>(x), reinterpret_cast<int2*>(partial.data_ptr()), out.data_ptr<int64_t>(), rows, n,
+                        at::cuda::getCurrentCUDAStream()),
+              "argmax");
+    });
+    return out;
+}
+
 // In place on x (B, T, heads, D), contiguous; positions (B, T) int64.
 void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions) {
     TORCH_CHECK(x.is_contiguous() && x.dim() == 4 && positions.is_contiguous() && cos.is_contiguous(), "rotary: layout");
@@ -290,6 +306,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rotary_", &rotary_, "rotary embedding in place, rotate-half layout");
     m.def("rotary_cache_", &rotary_cache_, "rotary on q in place and on k into the KV cache beside v, one launch");
     m.def("act_mul", &act_mul_, "act(gate) * up; act 0 = SiLU, 1 = tanh GELU");
+    m.def("argmax", &argmax_, "argmax over the last dimension of a (rows, n) tensor, as torch.argmax");
     m.def("decode_attention", &decode_attention_,
           "single-query attention over a KV cache, split over keys, with the step's rotary and cache write");
     m.def("gptq_rows", &gptq_rows_, "GPTQ over a block of up to 32 rows, in place");

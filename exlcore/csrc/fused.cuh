@@ -1,6 +1,6 @@
 // Fused kernels for the parts of a decode step that are many small ops in PyTorch: RMSNorm (with the residual
-// add before it), rotary embedding (with the KV-cache write), gated activation. T is half, __nv_bfloat16 or
-// float. Decode attention is in attention.cuh.
+// add before it), rotary embedding (with the KV-cache write), gated activation; and greedy sampling's argmax. T is
+// half, __nv_bfloat16 or float. Decode attention is in attention.cuh.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -30,3 +30,9 @@ cudaError_t rotary_cache(T* q, const T* k, const T* v, const float* cos, const f
 // out = act(gate) * up elementwise; act 0 = SiLU, 1 = tanh-approximated GELU.
 template <typename T>
 cudaError_t act_mul(const T* gate, const T* up, T* out, int64_t n, int act, cudaStream_t stream);
+
+// out[r] = the index of row r's largest element (rows of n), as torch.argmax: NaN above all, ties to the lower
+// index. `partial` holds argmax_blocks(n) entries per row.
+int argmax_blocks(int n);
+template <typename T>
+cudaError_t argmax(const T* x, int2* partial, int64_t* out, int rows, int n, cudaStream_t stream);
