@@ -3,7 +3,8 @@
 // (weights, tables); after it, everything earlier kernels wrote is visible, and only then may it write (memory
 // it writes can still be read by the kernel before). dependents_start() lets the next kernel begin, so its
 // launch, and its reads of weights, overlap this kernel's end. A decode step is a chain of small kernels, where
-// these gaps add up.
+// these gaps add up. A kernel that calls dependents_start() before its own wait lets the next one start while the
+// kernel before it still runs: reads before the wait are of weights, tables and earlier steps' results only.
 #pragma once
 #include <cuda_runtime.h>
 
