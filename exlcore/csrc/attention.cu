@@ -9,7 +9,7 @@
 //   values  each warp sums a quarter of the keys' rows (lanes over dimensions), added up in shared memory.
 // Blocks leave their unnormalised output with its max and sum; the last block of a group to finish (a counter
 // per group, reset by that block) combines them in split order, so results do not depend on timing. Blocks take
-// 32 keys and more, for about 16 splits, as many as SHARED_BYTES of shared memory hold (at least 32).
+// MIN_KEYS keys and more, for about 16 splits, as many as SHARED_BYTES of shared memory hold (at least 32).
 // Each block runs once per step on an SM whose instruction cache does not hold the kernel, so the code is kept short:
 // unrolled for the model's heads per KV head (GROUP, a power of two up to DA_GROUP), and loops that run a few times
 // at most are not unrolled (unroll 1). Each halving of the code gave 1.5-4% in batch-1 decode.
@@ -27,6 +27,7 @@ namespace {
 constexpr int THREADS = 128, WARPS = THREADS / 32;
 constexpr int PARTS = 4;                       // threads per key when scoring
 constexpr int PASS = THREADS / PARTS;          // keys scored at once
+constexpr int MIN_KEYS = 64;                   // keys per block at least, where memory allows: a shorter combine
 constexpr int MAX_KEYS = 512;                  // keys per block at most
 constexpr int SHARED_BYTES = 90 * 1024;        // a block's shared memory at most (every GPU from 8.0 has 99 KB)
 constexpr int BATCH = 8;                       // splits' loads in flight per thread when combining
@@ -317,11 +318,12 @@ size_t shared_of(int D, int block_keys, int element) {
     return (size_t)2 * block_keys * D * element + (DA_GROUP * D + DA_GROUP * block_keys + WARPS * DA_GROUP * D) * 4;
 }
 
-// Keys per block: a multiple of PASS giving about SPLITS splits, as many as SHARED_BYTES hold, MAX_KEYS at most.
+// Keys per block: a multiple of PASS giving about SPLITS splits, MIN_KEYS at least, as many as SHARED_BYTES hold,
+// MAX_KEYS at most.
 int block_keys_of(int kv_len, int D, int element) {
     const int fit = (SHARED_BYTES - (int)shared_of(D, 0, element)) / (2 * D * element + DA_GROUP * 4) / PASS;
     const int most = std::max(1, std::min(MAX_KEYS / PASS, fit));
-    return PASS * std::min(most, std::max(1, (kv_len + SPLITS * PASS - 1) / (SPLITS * PASS)));
+    return PASS * std::min(most, std::max(MIN_KEYS / PASS, (kv_len + SPLITS * PASS - 1) / (SPLITS * PASS)));
 }
 
 int splits_of(int kv_len, int D, int element) {
