@@ -279,7 +279,7 @@ template <bool GPTQ, int MAXM>
 __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant__ Batch b, const half* __restrict__ x,
                                                          const half* __restrict__ up, int act, int M) {
     // The next kernel may launch as soon as every block here has started, so it takes the SMs' slots as these blocks
-    // leave them (1.2% in batch-1 decode). Norms and attention doing the same cost 7%: the matmul after them then
+    // leave them (1.2% in batch-1 decode). Norms and attention doing the same cost 8%: the matmul after them then
     // starts fetching while the one before them still streams.
     dependents_start();
     using Sh = Shape<MAXM>;
