@@ -194,7 +194,7 @@ def rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dim", [64, 576, 4096, 5000])
+@pytest.mark.parametrize("dim", [64, 576, 4096, 5000, 12288, 32768])
 def test_rms_norm(ext, dtype, dim):
     x = torch.randn(3, 7, dim, dtype=dtype) * 3
     w = torch.randn(dim) + 1
@@ -275,7 +275,7 @@ def test_argmax(ext, dtype, n):
 @pytest.mark.parametrize("dtypes", [(t, t) for t in DTYPES] + [(torch.float32, torch.float16),
                                                                 (torch.float32, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("B,T", SHAPES)
-@pytest.mark.parametrize("dim", [64, 576, 4096, 5000])
+@pytest.mark.parametrize("dim", [64, 576, 4096, 5000, 12288, 32768])
 def test_add_rms_norm(ext, dtypes, B, T, dim):
     """RMSNorm.add_forward, x + h and the norm of the rounded sum in one launch (x fp32 under fp16/bf16 h is
     Gemma's residual stream): the same bits as the add, rms_norm and .to it replaces, x left as it was, and
@@ -317,10 +317,11 @@ def test_act_mul(ext, dtype, act):
 @pytest.mark.parametrize("rotary", [True, False], ids=["rotary", "no-rotary"])
 def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap, kv_len, rotary):
     """The new token's q and k rotated and its k and v written to the caches at its position (the same bits as
-    rotary_ and a copy; nothing else in the caches changes), then attention split over keys in blocks of 32 and
-    more (kv_len 32 or less: one block, which writes the output itself), with splits that see no key, windows that
-    cross splits, and 1, 2, 3, 4, 8 and 12 query heads per KV head (each size the kernel is unrolled for, one short
-    of it, and over 8, taken in slices). Twice: the kernel must leave its counters at zero."""
+    rotary_ and a copy; nothing else in the caches changes), then attention split over keys in blocks of 64 and
+    more (32 for rows of 256, all that shared memory holds; kv_len within one block: one block, which writes the
+    output itself), with splits that see no key, windows that cross splits, and 1, 2, 3, 4, 8 and 12 query heads per
+    KV head (each size the kernel is unrolled for, one short of it, and over 8, taken in slices). Twice: the kernel
+    must leave its counters at zero."""
     from exlcore.attention import explicit_attention
     from exlcore.rope import RopeConfig, Rotary
 

@@ -49,8 +49,8 @@ __device__ __forceinline__ void write_normed(const float (&v)[PER], const float 
 }
 
 template <typename T, int PER>
-__global__ void rms_norm_kernel(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ out, int dim,
-                                float eps) {
+__device__ __forceinline__ void rms_norm_row(const T* __restrict__ x, const float* __restrict__ w,
+                                             T* __restrict__ out, int dim, float eps) {
     float wr[PER], v[PER];
     load_weights(w, dim, wr);
     dependency_wait();
@@ -64,11 +64,12 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, const float* __restrict
     write_normed(v, wr, out + row, dim, eps);
 }
 
-// rms_norm_kernel on the rounded sums, with the same threads and order of summation: the same bits as the add
-// and the norm run apart.
+// rms_norm_row on the rounded sums, with the same threads and order of summation: the same bits as the add and
+// the norm run apart.
 template <typename R, typename H, int PER>
-__global__ void add_rms_norm_kernel(const R* __restrict__ x, const H* __restrict__ h, const float* __restrict__ w,
-                                    R* __restrict__ sum, H* __restrict__ out, int dim, float eps) {
+__device__ __forceinline__ void add_rms_norm_row(const R* __restrict__ x, const H* __restrict__ h,
+                                                 const float* __restrict__ w, R* __restrict__ sum, H* __restrict__ out,
+                                                 int dim, float eps) {
     float wr[PER], v[PER];
     load_weights(w, dim, wr);
     dependency_wait();
@@ -89,6 +90,39 @@ __global__ void add_rms_norm_kernel(const R* __restrict__ x, const H* __restrict
         if (i < dim) sum[row + i] = s;
     }
     write_normed(v, wr, out + row, dim, eps);
+}
+
+// The norm kernels. Those for rows past 8K elements (16 or 32 per thread) are built for 1024 threads (launch bounds),
+// which holds them to the 64 registers a thread then has, or they would not launch; the others are left as the
+// compiler has them (the decode step's, as measured).
+constexpr int NORM_THREADS = 1024, WIDE_PER = 16;
+
+template <typename T, int PER>
+__global__ void rms_norm_kernel(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ out, int dim,
+                                float eps) {
+    rms_norm_row<T, PER>(x, w, out, dim, eps);
+}
+
+template <typename T, int PER>
+__global__ void __launch_bounds__(NORM_THREADS) rms_norm_wide_kernel(const T* __restrict__ x,
+                                                                      const float* __restrict__ w, T* __restrict__ out,
+                                                                      int dim, float eps) {
+    rms_norm_row<T, PER>(x, w, out, dim, eps);
+}
+
+template <typename R, typename H, int PER>
+__global__ void add_rms_norm_kernel(const R* __restrict__ x, const H* __restrict__ h, const float* __restrict__ w,
+                                    R* __restrict__ sum, H* __restrict__ out, int dim, float eps) {
+    add_rms_norm_row<R, H, PER>(x, h, w, sum, out, dim, eps);
+}
+
+template <typename R, typename H, int PER>
+__global__ void __launch_bounds__(NORM_THREADS) add_rms_norm_wide_kernel(const R* __restrict__ x,
+                                                                          const H* __restrict__ h,
+                                                                          const float* __restrict__ w,
+                                                                          R* __restrict__ sum, H* __restrict__ out,
+                                                                          int dim, float eps) {
+    add_rms_norm_row<R, H, PER>(x, h, w, sum, out, dim, eps);
 }
 
 // Rotate-half rotation of one head's row by table rows c, s, read from src and written to dst (may be src).
@@ -200,7 +234,7 @@ __global__ void argmax_rows_kernel(const int2* __restrict__ partial, int64_t* __
 }
 
 // Threads for a row of `dim`: rms_norm and add_rms_norm must agree, so their sums of squares match.
-int norm_threads(int dim) { return dim >= 1024 ? 1024 : ((dim + 31) / 32) * 32; }
+int norm_threads(int dim) { return dim >= NORM_THREADS ? NORM_THREADS : ((dim + 31) / 32) * 32; }
 
 // f(integral_constant<int, PER>()): the norm kernel whose threads hold PER elements each, enough for a row of dim.
 template <typename F>
@@ -221,7 +255,10 @@ cudaError_t with_row_share(int dim, F&& f) {
 template <typename T>
 cudaError_t rms_norm(const T* x, const float* w, T* out, int rows, int dim, float eps, cudaStream_t stream) {
     return with_row_share(dim, [&](auto per) {
-        return launch(rms_norm_kernel<T, per.value>, rows, norm_threads(dim), 0, stream, x, w, out, dim, eps);
+        if constexpr (per.value >= WIDE_PER)
+            return launch(rms_norm_wide_kernel<T, per.value>, rows, norm_threads(dim), 0, stream, x, w, out, dim, eps);
+        else
+            return launch(rms_norm_kernel<T, per.value>, rows, norm_threads(dim), 0, stream, x, w, out, dim, eps);
     });
 }
 
@@ -229,8 +266,12 @@ template <typename R, typename H>
 cudaError_t add_rms_norm(const R* x, const H* h, const float* w, R* sum, H* out, int rows, int dim, float eps,
                          cudaStream_t stream) {
     return with_row_share(dim, [&](auto per) {
-        return launch(add_rms_norm_kernel<R, H, per.value>, rows, norm_threads(dim), 0, stream, x, h, w, sum, out,
-                      dim, eps);
+        if constexpr (per.value >= WIDE_PER)
+            return launch(add_rms_norm_wide_kernel<R, H, per.value>, rows, norm_threads(dim), 0, stream, x, h, w, sum,
+                          out, dim, eps);
+        else
+            return launch(add_rms_norm_kernel<R, H, per.value>, rows, norm_threads(dim), 0, stream, x, h, w, sum, out,
+                          dim, eps);
     });
 }
 
