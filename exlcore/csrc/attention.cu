@@ -43,13 +43,19 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Element d (of D) of a head's row rotated by the position's table rows c, s; as it is without tables.
+// Element d (of D) of a head's row and, with rotary tables, its rotary partner (D / 2 away), as loaded.
+struct Element {
+    float x, partner;
+};
+
 template <typename T>
-__device__ __forceinline__ float rotated(const T* row, int d, int D, const float* c, const float* s) {
-    const float x = to_float(row[d]);
-    if (c == nullptr) return x;
-    const bool first = d < D / 2;
-    return rope(x, to_float(row[first ? d + D / 2 : d - D / 2]), c[d], s[d], first);
+__device__ __forceinline__ Element load_element(const T* row, int d, int D, bool rotary) {
+    return {to_float(row[d]), rotary ? to_float(row[d < D / 2 ? d + D / 2 : d - D / 2]) : 0.f};
+}
+
+// The element rotated by the position's table rows c, s; as it is without tables.
+__device__ __forceinline__ float rotated(Element e, int d, int D, const float* c, const float* s) {
+    return c == nullptr ? e.x : rope(e.x, e.partner, c[d], s[d], d < D / 2);
 }
 
 // 16-byte asynchronous copy global -> shared.
@@ -114,21 +120,40 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     dependency_wait();
     dependents_start();
     // The new token: q rotated (rounded to T, as a separate rotary would store it); k rotated and v into the cache
-    // by the first block of each KV head, and into the stage by the block whose keys hold the position.
-    constexpr int PER_THREAD = GROUP * MAX_D / THREADS;  // q elements per thread at most, their loads in flight
+    // by the first block of each KV head, and into the stage by the block whose keys hold the position. Every load
+    // is issued before the first store (indices past the end clamped to the last element), so all take one round
+    // trip.
+    constexpr int PER_THREAD = GROUP * MAX_D / THREADS, PER_ROW = (MAX_D + THREADS - 1) / THREADS;
+    const bool rotary = cos_row != nullptr;
+    Element qe[PER_THREAD], ke[PER_ROW];
+    T ve[PER_ROW];
+#pragma unroll
+    for (int u = 0; u < PER_THREAD; u++) {
+        const int i = min(tid + u * THREADS, G * D - 1);
+        qe[u] = load_element(q + ((size_t)b * H + h0 + i / D) * D, i % D, D, rotary);
+    }
+    const bool writer = split == 0 && slice == 0, staged = pos >= lo && pos < hi;
+    const T* kn = k_new + ((size_t)b * KVH + kvh) * D;
+    const T* vn = v_new + ((size_t)b * KVH + kvh) * D;
+    if (writer || staged) {
+#pragma unroll
+        for (int u = 0; u < PER_ROW; u++) {
+            const int d = min(tid + u * THREADS, D - 1);
+            ke[u] = load_element(kn, d, D, rotary);
+            ve[u] = vn[d];
+        }
+    }
 #pragma unroll
     for (int u = 0; u < PER_THREAD; u++) {
         const int i = tid + u * THREADS;
-        if (i < G * D)
-            qs[i] = to_float(from_float<T>(rotated(q + ((size_t)b * H + h0 + i / D) * D, i % D, D, cos_row, sin_row)));
+        if (i < G * D) qs[i] = to_float(from_float<T>(rotated(qe[u], i % D, D, cos_row, sin_row)));
     }
-    const bool writer = split == 0 && slice == 0, staged = pos >= lo && pos < hi;
     if (writer || staged) {
-        const T* kn = k_new + ((size_t)b * KVH + kvh) * D;
-        const T* vn = v_new + ((size_t)b * KVH + kvh) * D;
-#pragma unroll 1
-        for (int d = tid; d < D; d += THREADS) {
-            const T kd = from_float<T>(rotated(kn, d, D, cos_row, sin_row)), vd = vn[d];
+#pragma unroll
+        for (int u = 0; u < PER_ROW; u++) {
+            const int d = tid + u * THREADS;
+            if (d >= D) break;
+            const T kd = from_float<T>(rotated(ke[u], d, D, cos_row, sin_row)), vd = ve[u];
             if (writer) {
                 kb[(size_t)pos * D + d] = kd;
                 vb[(size_t)pos * D + d] = vd;
@@ -257,34 +282,14 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     __syncthreads();  // in the last split, every thread's loads below after thread 0's acquire
     if (!last) return;
 
-    // Per head, a warp each: the largest of the splits' maxima, and the splits' sums of exponentials scaled to it
-    // (a split with no visible key adds nothing).
-#pragma unroll 1
-    for (int g = warp; g < G; g += WARPS) {
-        const float* ml = partial + (bh0 + g) * splits * row + D;
-        float m = -INFINITY, sum = 0.f;
-#pragma unroll 1
-        for (int t = lane; t < splits; t += 32) m = fmaxf(m, __ldcg(ml + (size_t)t * row));
-        m = warp_max(m);
-#pragma unroll 1
-        for (int t = lane; t < splits; t += 32) {
-            const float l = __ldcg(ml + (size_t)t * row + 1);
-            if (l > 0.f) sum += __expf(__ldcg(ml + (size_t)t * row) - m) * l;
-        }
-        sum = warp_sum(sum);
-        if (lane == 0) {
-            top[g] = m;
-            total[g] = sum;
-        }
-    }
-    __syncthreads();
-    // Four dimensions of one head per thread: the splits' sums, each scaled by its exponential, BATCH splits' loads in
-    // flight at once.
+    // Four dimensions of one head per thread: the splits in order, BATCH splits' loads in flight at once, rescaled
+    // to the largest maximum so far as it grows (a split with no visible key adds nothing). Usually one batch: one
+    // round trip to L2.
 #pragma unroll 1
     for (int i = tid; i < G * D / 4; i += THREADS) {
         const int g = i / (D / 4), d = i % (D / 4) * 4;
         const float* pg = partial + (bh0 + g) * splits * row;
-        float o[4] = {};
+        float o[4] = {}, top_so_far = -INFINITY, total_so_far = 0.f;
 #pragma unroll 1
         for (int t0 = 0; t0 < splits; t0 += BATCH) {
             float4 ot[BATCH];
@@ -297,17 +302,27 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
                 mt[u] = in ? __ldcg(pt + D) : 0.f;
                 lt[u] = in ? __ldcg(pt + D + 1) : 0.f;
             }
+            float m = top_so_far;
+#pragma unroll
+            for (int u = 0; u < BATCH; u++)
+                if (lt[u] > 0.f) m = fmaxf(m, mt[u]);
+            const float r = top_so_far > -INFINITY ? __expf(top_so_far - m) : 0.f;
+            total_so_far *= r;
+#pragma unroll
+            for (int c = 0; c < 4; c++) o[c] *= r;
 #pragma unroll
             for (int u = 0; u < BATCH; u++) {
-                const float f = lt[u] > 0.f ? __expf(mt[u] - top[g]) : 0.f;
+                const float f = lt[u] > 0.f ? __expf(mt[u] - m) : 0.f;
+                total_so_far += f * lt[u];
                 o[0] += f * ot[u].x;
                 o[1] += f * ot[u].y;
                 o[2] += f * ot[u].z;
                 o[3] += f * ot[u].w;
             }
+            top_so_far = m;
         }
 #pragma unroll
-        for (int c = 0; c < 4; c++) out[(bh0 + g) * D + d + c] = from_float<T>(o[c] / total[g]);
+        for (int c = 0; c < 4; c++) out[(bh0 + g) * D + d + c] = from_float<T>(o[c] / total_so_far);
     }
     if (tid == 0) counters[blockIdx.y] = 0;  // ready for the next launch (CUDA graphs replay the same counters)
 }
