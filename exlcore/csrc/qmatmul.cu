@@ -316,9 +316,10 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
         const int4 e = __ldg(w.chunks + c0 + threadIdx.x);
         table[threadIdx.x] = make_int4(e.x * w.N, e.y | (e.y & 0xFF) * (e.y >> 8) / 32 << 16, e.z, e.w - pair0);
     }
-    uint32_t r[XS / THREADS];
+    constexpr int PER = XS / THREADS;  // pairs of x per thread
+    uint32_t r[PER];
 #pragma unroll
-    for (int i = 0; i < XS / THREADS; i++) {
+    for (int i = 0; i < PER; i++) {
         const int k = threadIdx.x + THREADS * i;
         r[i] = k < pairs ? load_early(w.pair_rows + pair0 + k) : 0;
     }
@@ -330,19 +331,27 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
         fetch_commit();
     }
     dependency_wait();
+    // Per row of x, every load before the first use, so they take one round trip together (r[i] is channel 0, a
+    // load to drop, past the slice's pairs): left to itself the compiler loads up's second channel after the first
+    // channel's activation.
     for (int m = 0; m < M; m++) {
         const half* xm = x + (size_t)m * w.K;
         const half* um = up + (size_t)m * w.K;
+        half2 xv[PER], uv[PER];
 #pragma unroll
-        for (int i = 0; i < XS / THREADS; i++) {
+        for (int i = 0; i < PER; i++) xv[i] = __halves2half2(xm[r[i] & 0xFFFF], xm[r[i] >> 16]);
+        if (up != nullptr) {
+#pragma unroll
+            for (int i = 0; i < PER; i++) uv[i] = __halves2half2(um[r[i] & 0xFFFF], um[r[i] >> 16]);
+#pragma unroll
+            for (int i = 0; i < PER; i++)
+                xv[i] = __floats2half2_rn(gated(__low2float(xv[i]), __low2float(uv[i]), act),
+                                          gated(__high2float(xv[i]), __high2float(uv[i]), act));
+        }
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
             const int k = threadIdx.x + THREADS * i;
-            if (k >= pairs) continue;
-            half lo = xm[r[i] & 0xFFFF], hi = xm[r[i] >> 16];
-            if (up != nullptr) {
-                lo = __float2half_rn(gated(__half2float(lo), __half2float(um[r[i] & 0xFFFF]), act));
-                hi = __float2half_rn(gated(__half2float(hi), __half2float(um[r[i] >> 16]), act));
-            }
-            xs[m * XS_STRIDE + k] = __halves2half2(lo, hi);
+            if (k < pairs) xs[m * XS_STRIDE + k] = xv[i];
         }
     }
     __syncthreads();
