@@ -129,11 +129,18 @@ torch::Tensor qm_weight(const std::vector<torch::Tensor>& mat) {
     return dequantized(w, 0, w.N, mat[0].options().dtype(torch::kHalf));
 }
 
+// The norm in ATen, for rows longer than the kernels take: the same fp32 math.
+torch::Tensor rms_norm_aten(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+    const auto xf = x.to(torch::kFloat);
+    return (xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps) * w).to(x.dtype());
+}
+
 torch::Tensor rms_norm_(const torch::Tensor& x, const torch::Tensor& w, double eps) {
     TORCH_CHECK(x.is_contiguous() && w.dtype() == torch::kFloat && w.is_contiguous(), "rms_norm: layout");
     const c10::cuda::CUDAGuard guard(x.device());
-    auto out = torch::empty_like(x);
     const int dim = (int)x.size(-1);
+    if (dim > NORM_MAX_DIM) return rms_norm_aten(x, w, eps);
+    auto out = torch::empty_like(x);
     dispatch(x, [&](auto tag) {
         using T = decltype(tag);
         check(rms_norm<T>(ptr<T>(x), w.data_ptr<float>(), ptr<T>(out), (int)(x.numel() / dim), dim, (float)eps,
@@ -150,8 +157,12 @@ std::vector<torch::Tensor> add_rms_norm_(const torch::Tensor& x, const torch::Te
                 "add_rms_norm: layout");
     TORCH_CHECK(x.dtype() == h.dtype() || x.dtype() == torch::kFloat, "add_rms_norm: x is h's dtype or fp32");
     const c10::cuda::CUDAGuard guard(x.device());
-    auto sum = torch::empty_like(x), out = torch::empty_like(h);
     const int dim = (int)x.size(-1);
+    if (dim > NORM_MAX_DIM) {
+        auto sum = x + h.to(x.dtype());
+        return {sum, rms_norm_aten(sum, w, eps).to(h.dtype())};
+    }
+    auto sum = torch::empty_like(x), out = torch::empty_like(h);
     dispatch(h, [&](auto tag) {
         using H = decltype(tag);
         auto run = [&](auto residual) {

@@ -247,7 +247,7 @@ cudaError_t with_row_share(int dim, F&& f) {
     if (per <= 8) return f(integral_constant<int, 8>{});
     if (per <= 16) return f(integral_constant<int, 16>{});
     if (per <= 32) return f(integral_constant<int, 32>{});
-    return cudaErrorInvalidValue;  // rows of more than 32768 elements
+    return cudaErrorInvalidValue;  // rows of more than NORM_MAX_DIM elements
 }
 
 }  // namespace

@@ -5,7 +5,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, in fp32, for rows of `dim` elements.
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, in fp32, for rows of `dim` elements, NORM_MAX_DIM at most (a
+// thread holds 32 of a row's elements in registers).
+constexpr int NORM_MAX_DIM = 32768;
 template <typename T>
 cudaError_t rms_norm(const T* x, const float* w, T* out, int rows, int dim, float eps, cudaStream_t stream);
 
