@@ -5,8 +5,8 @@ shows what the kernels add to their reads; the chain is about the least a step b
 
     python benchmarks/floor.py
 
-Each read kernel runs at its best of a few grid sizes and unrolls, each call on its own bytes (so nothing is
-served from L2), replayed from a CUDA graph.
+Each read kernel runs at its best of a few grid sizes and unrolls, calls taking turns over many copies of their
+bytes (so nothing is served from L2), replayed from a CUDA graph.
 """
 
 import torch
@@ -14,6 +14,7 @@ from torch.utils.cpp_extension import load_inline
 
 from core import COPY_BANDWIDTH
 from exl2 import BODY, HEAD, SHAPE, random_exl2
+from kernels import graph_time
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -36,7 +37,8 @@ __global__ void __launch_bounds__(256) stream_read(const int4* __restrict__ p, l
     if (acc == 0x7fffffff) out[0] = acc;
 }
 
-void read_bytes(torch::Tensor buffer, int64_t offset, int64_t bytes, int64_t blocks, int64_t unroll, torch::Tensor out) {
+void read_bytes(torch::Tensor buffer, int64_t offset, int64_t bytes, int64_t blocks, int64_t unroll,
+                torch::Tensor out) {
     const auto p = reinterpret_cast<const int4*>(static_cast<const char*>(buffer.data_ptr()) + offset);
     const auto stream = at::cuda::getCurrentCUDAStream();
     if (unroll == 2) stream_read<2><<<blocks, 256, 0, stream>>>(p, bytes / 16, out.data_ptr<int>());
@@ -45,25 +47,6 @@ void read_bytes(torch::Tensor buffer, int64_t offset, int64_t bytes, int64_t blo
 }
 """
 ALIGN = 1 << 16
-
-
-def graph_seconds(calls: list, replays: int = 5) -> float:
-    """Seconds for one pass over `calls`, replayed from a CUDA graph."""
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays
 
 
 def main():
@@ -87,22 +70,26 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     def reads(name, offsets, blocks, unroll):
-        return [lambda o=o: ext.read_bytes(buffer, o, sizes[name], blocks, unroll, out) for o in offsets]
+        """Seconds per read of `name`'s bytes at each of `offsets` in turn."""
+        def calls():
+            for o in offsets:
+                ext.read_bytes(buffer, o, sizes[name], blocks, unroll, out)
+
+        return graph_time(calls) / len(offsets)
 
     print("| read | MB | us | TB/s | of 3.0 TB/s |\n|---|---:|---:|---:|---:|")
     best = {}
     for name, size in sizes.items():
         offsets = [k * (size + ALIGN) for k in range(min(20, len(buffer) // (size + ALIGN)))]
-        t, blocks, unroll = min((graph_seconds(reads(name, offsets, b * sms, u)) / len(offsets), b * sms, u)
-                                for b in (2, 4, 8) for u in (2, 4, 8))
+        t, blocks, unroll = min((reads(name, offsets, b * sms, u), b * sms, u) for b in (2, 4, 8) for u in (2, 4, 8))
         best[name] = blocks, unroll
         print(f"| {name} alone | {size / 1e6:.1f} | {t * 1e6:.1f} | {size / t / 1e12:.2f} | "
               f"{size / t / COPY_BANDWIDTH:.0%} |", flush=True)
-    calls, offset = [], 0
+    chain, offset = [], 0
     for name in [*(n for _ in range(layers) for n in ("q/k/v", "o", "gate/up", "down")), "head"]:
-        calls += reads(name, [offset], *best[name])
+        chain.append((offset, sizes[name], *best[name]))
         offset += sizes[name] + ALIGN
-    t = graph_seconds(calls)
+    t = graph_time(lambda: [ext.read_bytes(buffer, *read, out) for read in chain])
     print(f"| the step: {layers} layers and the head, in stream order | {step_bytes / 1e6:.0f} | {t * 1e6:.0f} | "
           f"{step_bytes / t / 1e12:.2f} | {step_bytes / t / COPY_BANDWIDTH:.0%} |")
 
