@@ -41,9 +41,10 @@ void read_bytes(torch::Tensor buffer, int64_t offset, int64_t bytes, int64_t blo
                 torch::Tensor out) {
     const auto p = reinterpret_cast<const int4*>(static_cast<const char*>(buffer.data_ptr()) + offset);
     const auto stream = at::cuda::getCurrentCUDAStream();
-    if (unroll == 2) stream_read<2><<<blocks, 256, 0, stream>>>(p, bytes / 16, out.data_ptr<int>());
-    else if (unroll == 4) stream_read<4><<<blocks, 256, 0, stream>>>(p, bytes / 16, out.data_ptr<int>());
-    else stream_read<8><<<blocks, 256, 0, stream>>>(p, bytes / 16, out.data_ptr<int>());
+    const dim3 grid(static_cast<unsigned>(blocks));
+    if (unroll == 2) stream_read<2><<<grid, 256, 0, stream>>>(p, bytes / 16, out.data_ptr<int>());
+    else if (unroll == 4) stream_read<4><<<grid, 256, 0, stream>>>(p, bytes / 16, out.data_ptr<int>());
+    else stream_read<8><<<grid, 256, 0, stream>>>(p, bytes / 16, out.data_ptr<int>());
 }
 """
 ALIGN = 1 << 16
