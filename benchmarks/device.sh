@@ -33,6 +33,7 @@ for step in "$@"; do
       | tee "$OUT/bench_exl2.log" | tail -45 ;;
     kernels) python3 benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -25 ;;
     floor) python3 benchmarks/floor.py 2>&1 | tee "$OUT/floor.log" | tail -8 ;;
+    ab) bash benchmarks/ab.sh 2>&1 | tee "$OUT/ab.log" | tail -80 ;;
     exl2-fixtures) with_exllamav2 python3 tests/fixtures/make_exllamav2.py "$HOME/fixtures" "$OUT" 2>&1 \
       | tee "$OUT/fixtures.log" | tail -8 ;;
     convert-exllamav2) with_exllamav2 python3 benchmarks/convert.py --work "$HOME/convert" --out "$OUT" smollm2-exllamav2 \

@@ -154,6 +154,18 @@ def decode_profile(g: "exlcore.Generator", prompt: list[int], steps: int = 16) -
     return "\n".join(lines)
 
 
+def decode_rates(g: "exlcore.Generator", prompt: list[int], steps: int, rounds: int) -> list[float]:
+    """Batch-1 decode tokens/s of `rounds` runs of `steps` tokens, each after a new prompt (the one before rotated: no
+    cached prefix), following one run that captures the CUDA graphs."""
+    rates = []
+    for _ in range(rounds + 1):
+        for _ in g.tokens(prompt, steps, temperature=0, stop_ids=set()):
+            pass
+        rates.append(g.stats.decode_tokens_per_second)
+        prompt = prompt[1:] + prompt[:1]
+    return rates[1:]
+
+
 def torch_read(model) -> tuple[float, int]:
     """Seconds and bytes of reading every packed linear's q_weight with one torch.sum each, in model order, from a
     CUDA graph (median of 5 replays)."""
@@ -178,11 +190,7 @@ def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: b
     gen = torch.Generator().manual_seed(1)
     g = exlcore.Generator(model, max_seq_len=128 + steps + 8)
     prompt = torch.randint(0, vocab, (128,), generator=gen).tolist()
-    for _ in range(2):  # the first run captures the CUDA graphs
-        for _ in g.tokens(prompt, steps, temperature=0, stop_ids=set()):
-            pass
-        prompt = prompt[1:] + prompt[:1]  # a new prompt: no cached prefix
-    r["decode_1"] = g.stats.decode_tokens_per_second
+    r["decode_1"] = decode_rates(g, prompt, steps, 1)[0]
     r["torch_read_s"], r["torch_read_bytes"] = torch_read(model)
     if profile:
         print(decode_profile(g, prompt), flush=True)
