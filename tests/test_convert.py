@@ -21,6 +21,7 @@ from exlcore.conversion.capture import Capture, Group
 from exlcore.evaluate import evaluate
 from exlcore.layers import Linear
 from exlcore.rope import inv_frequencies, parse_rope
+from test_exl2 import to_exl2
 from tiny import TINY_TEXT, make_tiny
 
 # EXL2 needs widths that are multiples of 32; the other settings keep every conversion to a few seconds.
@@ -162,6 +163,12 @@ def test_bad_input_is_one_line_and_leaves_no_finished_folder(sources, tmp_path):
     (unknown / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"]}))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{not json")
+    other = tmp_path / "mixtral.json"  # a real measurement, of another model
+    assert exl("convert", "-i", sources / "mixtral", "-o", tmp_path / "m", "-om", other, *FAST).returncode == 0
+    quantized = tmp_path / "exl2"
+    to_exl2(src, quantized)
     cases = [
         (["-i", src, "-b", "1.5"], "-b 1.5: the options reach"),
         (["-i", src, "-b", "9"], "-b 9.0: the options reach"),
@@ -173,6 +180,12 @@ def test_bad_input_is_one_line_and_leaves_no_finished_folder(sources, tmp_path):
         (["-i", src, "-ra", "1e308"], "-ra 1e+308: must be a positive factor"),
         (["-i", src, "--damping", "nan"], "the damping > 0"),
         (["-i", src, "-om", blocker / "m.json"], "cannot write there"),
+        (["-i", src, "-om", tmp_path / "m.json", "-cf", tmp_path / "full"], "-om (measure only) cannot be combined"),
+        (["-i", src, "-m", other, "-om", tmp_path / "m.json"], "exclude each other"),
+        (["-i", src, "-ss", "-1"], "-ss must be >= 0"),
+        (["-i", src, "-m", corrupt], "corrupt.json: not an exlcore measurement of this model"),
+        (["-i", src, "-m", other], "mixtral.json: not an exlcore measurement of this model"),
+        (["-i", quantized], "already quantized"),
     ]
     for i, (args, message) in enumerate(cases):
         out = tmp_path / f"out{i}"
