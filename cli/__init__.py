@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print("exl: error: out of memory; use a smaller model or shorter sequences", file=sys.stderr)
         return 1
     except OSError as e:  # a file the command writes (disk full, permissions) after its checks passed
-        print(f"exl: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        print(f"exl: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         if "out of memory" not in str(e) and "can't allocate memory" not in str(e):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exlcore.errors import ExlError
-from exlcore.rope import RopeConfig, parse_rope
+from exlcore.rope import RopeConfig
 
 
 @dataclass
@@ -68,6 +68,40 @@ def need(raw: dict, key: str, kind=int):
         raise ExlError(f"config.json: {key!r} = {raw[key]!r} is not a valid {kind.__name__}") from None
 
 
+def setting(raw: dict, key: str, default, kind=float):
+    """An optional key: `default` when it is missing or null, as transformers reads it."""
+    return default if raw.get(key) is None else need(raw, key, kind)
+
+
+KNOWN_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def parse_rope(raw: dict, layer_type: str | None = None) -> RopeConfig:
+    """Read rope settings from either transformers 5's `rope_parameters` (optionally keyed by layer
+    type) or the older `rope_theta` + `rope_scaling` pair that most hub checkpoints carry."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and layer_type in params:
+        params = params[layer_type]
+    if not isinstance(params, dict):
+        params = dict(raw.get("rope_scaling") or {})
+        params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in KNOWN_TYPES:
+        raise ExlError(f"config.json: rope type {kind!r} is not supported (supported: {', '.join(KNOWN_TYPES)})")
+    orig = params.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+    return RopeConfig(
+        theta=setting(params, "rope_theta", setting(raw, "rope_theta", 10000.0)),
+        type=kind,
+        factor=setting(params, "factor", 1.0),
+        original_max_position=int(orig) if orig else None,
+        low_freq_factor=setting(params, "low_freq_factor", 1.0),
+        high_freq_factor=setting(params, "high_freq_factor", 4.0),
+        beta_fast=setting(params, "beta_fast", 32.0),
+        beta_slow=setting(params, "beta_slow", 1.0),
+        attention_factor=params.get("attention_factor"),
+    )
+
+
 def parse_common(raw: dict, architecture: str, **overrides) -> ModelConfig:
     """The fields every decoder-only transformer shares, under their Hugging Face names."""
     hidden = need(raw, "hidden_size")
@@ -83,8 +117,8 @@ def parse_common(raw: dict, architecture: str, **overrides) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=int(raw.get("num_key_value_heads") or heads),
         head_dim=int(raw.get("head_dim") or hidden // max(heads, 1)),
-        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        norm_eps=setting(raw, "rms_norm_eps", 1e-6),
+        max_position_embeddings=setting(raw, "max_position_embeddings", 4096, int),
         rope=parse_rope(raw),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", False)),

@@ -11,10 +11,6 @@ from exlcore.layers import Linear
 from exlcore.loader import read_model_config
 from exlcore.weights import Weights
 
-BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-         "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-
-
 @dataclass
 class LinearGroup:
     count: int = 0
@@ -55,7 +51,7 @@ def inspect(path) -> ModelInfo:
     folder = Path(path)
     _, spec, cfg = read_model_config(folder)
     w = Weights(folder)
-    sizes = {k: BYTES[i["dtype"]] * math.prod(i["shape"]) for k, (_, i) in w.index.items()}
+    sizes = {k: i["data_offsets"][1] - i["data_offsets"][0] for k, (_, i) in w.index.items()}  # stored bytes
     linears: dict[str, LinearGroup] = {}
     counted: set[str] = set()
     for module in spec.build(cfg).modules():

@@ -31,7 +31,7 @@ def manager() -> pluggy.PluginManager:
 def _collect(hook) -> list[tuple[str, tuple]]:
     """Run a register-style hook once per plugin, remembering which plugin registered what."""
     found = []
-    for impl in reversed(hook.get_hookimpls()):  # registration order
+    for impl in hook.get_hookimpls():  # in registration order (pluggy calls hooks in the reverse)
         impl.function(register=lambda *item, _name=impl.plugin_name: found.append((_name, item)))
     return found
 

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import torch
 
-from exlcore.errors import ExlError
 from exlcore.ext import on
 
 
@@ -21,35 +20,6 @@ class RopeConfig:
     beta_slow: float = 1.0  # yarn
     attention_factor: float | None = None  # yarn
     position_scale: float = 1.0  # positions divided by this on top of the type's own scaling (exl convert -rs)
-
-
-KNOWN_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
-
-
-def parse_rope(raw: dict, layer_type: str | None = None) -> RopeConfig:
-    """Read rope settings from either transformers 5's `rope_parameters` (optionally keyed by layer
-    type) or the older `rope_theta` + `rope_scaling` pair that most hub checkpoints carry."""
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict) and layer_type in params:
-        params = params[layer_type]
-    if not isinstance(params, dict):
-        params = dict(raw.get("rope_scaling") or {})
-        params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
-    kind = params.get("rope_type") or params.get("type") or "default"
-    if kind not in KNOWN_TYPES:
-        raise ExlError(f"config.json: rope type {kind!r} is not supported (supported: {', '.join(KNOWN_TYPES)})")
-    orig = params.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
-    return RopeConfig(
-        theta=float(params.get("rope_theta", raw.get("rope_theta", 10000.0))),
-        type=kind,
-        factor=float(params.get("factor", 1.0)),
-        original_max_position=int(orig) if orig else None,
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        beta_fast=float(params.get("beta_fast", 32.0)),
-        beta_slow=float(params.get("beta_slow", 1.0)),
-        attention_factor=params.get("attention_factor"),
-    )
 
 
 def inv_frequencies(cfg: RopeConfig, dim: int, seq_len: int = 0) -> tuple[torch.Tensor, float]:

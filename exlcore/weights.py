@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from exlcore.errors import ExlError
 
@@ -89,9 +89,12 @@ class Weights:
                 f"{path.name}: tensor {key!r} has shape {tuple(info['shape'])}, expected {tuple(shape)} "
                 f"from config.json; the weights and config.json do not belong together"
             )
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        tensor = self._handles[path].get_tensor(key)
+        try:
+            if path not in self._handles:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            tensor = self._handles[path].get_tensor(key)
+        except SafetensorError as e:  # a dtype this safetensors cannot read, a file changed since its header was read
+            raise ExlError(f"{path}: tensor {key!r} cannot be read ({e}); re-download or re-convert it") from None
         tensor = tensor.to(self.device)  # cast after the move: the GPU does it faster
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)

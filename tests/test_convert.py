@@ -20,7 +20,8 @@ from exlcore.conversion import Settings, _rope_override
 from exlcore.conversion.capture import Capture, Group
 from exlcore.evaluate import evaluate
 from exlcore.layers import Linear
-from exlcore.rope import inv_frequencies, parse_rope
+from exlcore.config import parse_rope
+from exlcore.rope import inv_frequencies
 from test_exl2 import to_exl2
 from tiny import TINY_TEXT, make_tiny
 
@@ -214,6 +215,20 @@ def test_a_job_folder_without_its_state_file_is_not_trusted(tmp_path):
     job = Job(tmp_path, {"rows": 10}, restart=False)
     assert not stale.exists()
     assert json.loads(job.path.read_text())["settings"] == {"rows": 10}
+
+
+def test_a_job_folder_of_someone_elses_is_left_alone(tmp_path):
+    from exlcore.conversion.job import Job, write_tensors
+
+    notes = tmp_path / "job" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    with pytest.raises(exlcore.ExlError, match=r"job: holds files that are not a conversion's \(notes.txt\)"):
+        Job(tmp_path, {"rows": 10}, restart=True)
+    assert notes.read_text() == "mine"
+    # safetensors' own I/O errors become one line too.
+    with pytest.raises(exlcore.ExlError, match="gone/x.safetensors: cannot write it"):
+        write_tensors(tmp_path / "gone" / "x.safetensors", {"x": torch.zeros(2)})
 
 
 @pytest.mark.cuda

@@ -73,7 +73,16 @@ CASES = {
     "no tokenizer": (lambda f: (f / "tokenizer.json").unlink(), r"no tokenizer.json or tokenizer.model"),
     "bad head counts": (set_config(num_key_value_heads=3), r"4 attention heads, 3 key/value heads"),
     "bad rope": (set_config(rope_parameters={"rope_type": "wobbly", "rope_theta": 1e4}), r"rope type 'wobbly'"),
+    "bad optional value": (set_config(rms_norm_eps="tiny"), r"'rms_norm_eps' = 'tiny' is not a valid float"),
 }
+
+
+def test_null_settings_take_their_defaults(good, tmp_path):
+    """A null in config.json means unset, as transformers reads it."""
+    nulls = set_config(max_position_embeddings=None, rms_norm_eps=None, rope_theta=None,
+                       rope_parameters={"rope_type": "default", "rope_theta": None})
+    cfg = exlcore.load(damaged(good, tmp_path, nulls), device="cpu").config
+    assert (cfg.max_position_embeddings, cfg.norm_eps, cfg.rope.theta) == (4096, 1e-6, 10000.0)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -77,7 +77,8 @@ def test_allow_list_limits_plugins(fresh_plugins, tmp_path, tiny_tokenizer_dir):
 
 
 def test_runtime_registration(fresh_plugins):
-    """A plugin object registered at runtime (as tests and notebooks do) serves its architecture."""
+    """A plugin object registered at runtime (as tests and notebooks do) serves its architecture, and overrides
+    what was registered before it."""
     from exlcore.architectures import llama
     from exlcore.hookspecs import hookimpl
     from exlcore.spec import ArchitectureSpec
@@ -85,8 +86,14 @@ def test_runtime_registration(fresh_plugins):
     class Alias:
         @hookimpl
         def register_architectures(self, register):
-            register(ArchitectureSpec(("MyLlamaForCausalLM",), llama.parse_config, llama.build))
+            register(ArchitectureSpec(("MyLlamaForCausalLM", "LlamaForCausalLM"), llama.parse_config, llama.build))
+
+        @hookimpl
+        def register_chat_templates(self, register):
+            register("chatml", "{{ messages[0]['content'] }}")
 
     plugins.manager().register(Alias(), name="alias")
-    assert plugins.architectures()["MyLlamaForCausalLM"][1] == "alias"
+    table = plugins.architectures()
+    assert table["MyLlamaForCausalLM"][1] == "alias" and table["LlamaForCausalLM"][1] == "alias"
+    assert plugins.chat_templates()["chatml"] == "{{ messages[0]['content'] }}"
     assert plugins.plugin_source("alias") == "registered at runtime"

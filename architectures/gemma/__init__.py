@@ -7,11 +7,11 @@ import math
 import torch
 
 from exlcore.attention import Attention
-from exlcore.config import ModelConfig, parse_common
+from exlcore.config import ModelConfig, parse_common, parse_rope, setting
 from exlcore.hookspecs import hookimpl
 from exlcore.layers import Embedding, GatedMLP, Head, Linear, RMSNorm
 from exlcore.model import Block, Model
-from exlcore.rope import RopeConfig, Rotary, parse_rope
+from exlcore.rope import RopeConfig, Rotary
 from exlcore.spec import ArchitectureSpec, Calibration
 
 GEMMA1, GEMMA2, GEMMA3 = "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"
@@ -24,17 +24,17 @@ def parse_config(raw: dict, architecture: str) -> ModelConfig:
     if architecture == GEMMA1:
         return cfg
     if "layer_types" not in raw:  # checkpoints from before transformers wrote layer_types
-        every = 2 if architecture == GEMMA2 else int(raw.get("sliding_window_pattern", 6))
+        every = 2 if architecture == GEMMA2 else setting(raw, "sliding_window_pattern", 6, int)
         cfg.layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
                            for i in range(cfg.num_layers)]
-    cfg.query_pre_attn_scalar = float(raw.get("query_pre_attn_scalar") or cfg.head_dim)
+    cfg.query_pre_attn_scalar = setting(raw, "query_pre_attn_scalar", float(cfg.head_dim))
     cfg.final_logit_softcap = raw.get("final_logit_softcapping")
     if architecture == GEMMA2:
         cfg.attn_logit_softcap = raw.get("attn_logit_softcapping")
     else:  # Gemma 3 keeps attn_logit_softcapping in its config but its reference never applies it
         cfg.rope = parse_rope(raw, "full_attention")
         cfg.rope_local = (parse_rope(raw, "sliding_attention") if "sliding_attention" in (raw.get("rope_parameters") or {})
-                          else RopeConfig(theta=float(raw.get("rope_local_base_freq", 10000.0))))
+                          else RopeConfig(theta=setting(raw, "rope_local_base_freq", 10000.0)))
     return cfg
 
 

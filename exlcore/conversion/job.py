@@ -11,10 +11,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from exlcore.errors import ExlError
 from exlcore.weights import Weights
+
+
+OWN = {"job.json", "layers", "calibration.safetensors", "measurement.json", ".write-test"}  # a job folder's files
 
 
 def replace_atomically(path: Path, write) -> None:
@@ -34,7 +38,10 @@ def write_json(path: Path, data) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    replace_atomically(path, lambda p: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, p))
+    try:
+        replace_atomically(path, lambda p: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, p))
+    except SafetensorError as e:  # its I/O errors (disk full, permissions) are not OSErrors
+        raise ExlError(f"{path}: cannot write it ({e}); free some space or choose another folder") from None
 
 
 class Job:
@@ -45,6 +52,10 @@ class Job:
             work.mkdir(parents=True, exist_ok=True)
             # Without its state file a job folder is a start that was cut short: nothing in it is trusted.
             if (restart or not self.path.is_file()) and self.dir.exists():
+                strays = [p.name for p in self.dir.iterdir() if p.name not in OWN and p.suffix != ".tmp"]
+                if strays:
+                    raise ExlError(f"{self.dir}: holds files that are not a conversion's ({', '.join(sorted(strays))}); "
+                                   "choose another folder with -o")
                 shutil.rmtree(self.dir)
             self.dir.mkdir(exist_ok=True)
             (self.dir / "layers").mkdir(exist_ok=True)
