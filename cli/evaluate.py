@@ -34,16 +34,13 @@ def read_text(args) -> str:
 
 
 def ppl(args):
-    import exlcore
     from exlcore.evaluate import evaluate, windows
 
     if args.length < 2 or args.rows < 1 or args.batch < 1:
         raise ExlError("-l must be at least 2, --rows and --batch at least 1")
     model = load_model(args)
     rows = windows(model.tokenizer.encode(read_text(args), add_bos=False), args.length, args.rows)
-    reference = None
-    if args.ref is not None:
-        reference = exlcore.load(args.ref, **({"device": args.device} if args.device else {}), dtype=args.dtype)
+    reference = load_model(args, args.ref) if args.ref is not None else None
     result = evaluate(model, rows, reference, args.batch)
     line = f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({rows.shape[0]} x {args.length})"
     if result.kl_divergence is not None:

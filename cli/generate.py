@@ -29,7 +29,7 @@ def _stream(gen, prompt, args, add_bos=None) -> str:
         pieces.append(piece)
     print()
     s = gen.stats
-    print(f"[{s.prompt_tokens} prompt tokens ({s.cached_tokens} cached), {s.new_tokens} new, "
+    print(f"[{s.prompt_tokens} prompt tokens ({s.cached_tokens} cached) in {s.prefill_seconds:.2f} s, {s.new_tokens} new, "
           f"{s.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
     return "".join(pieces)
 

@@ -13,11 +13,12 @@ def register(sub):
 
 
 def info(args):
+    from exlcore.generator import default_seq_len
     from exlcore.info import inspect
 
     i = inspect(args.model)
     c = i.config
-    context = args.context or min(c.max_position_embeddings, 8192)
+    context = args.context or default_seq_len(c)
     kv = i.kv_bytes_per_token() * context
     print(f"model         {i.folder}")
     print(f"architecture  {c.architecture} ({c.num_layers} layers, hidden {c.hidden_size}, "

@@ -9,13 +9,14 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: per model and device)")
 
 
-def load_model(args):
+def load_model(args, folder=None):
+    """The model of -m (or `folder`) on --device with --dtype."""
     import exlcore
 
     kwargs = {"dtype": args.dtype}
     if args.device:
         kwargs["device"] = args.device
-    return exlcore.load(args.model, **kwargs)
+    return exlcore.load(folder or args.model, **kwargs)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float):

@@ -34,7 +34,6 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     rope_local: RopeConfig | None = None  # Gemma 3's sliding layers rotate with their own base
-    raw: dict = field(default_factory=dict, repr=False)
 
 
 def read_config(folder: Path) -> dict:
@@ -126,7 +125,6 @@ def parse_common(raw: dict, architecture: str, **overrides) -> ModelConfig:
         hidden_act=raw.get("hidden_activation") or raw.get("hidden_act") or "silu",
         layer_types=list(raw.get("layer_types") or ["full_attention"] * layers),
         sliding_window=int(window) if window else None,
-        raw=raw,
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)

@@ -57,12 +57,17 @@ def _held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
+def default_seq_len(config) -> int:
+    """The cache a Generator sizes when not told: the model's context, at most 8192 tokens."""
+    return min(config.max_position_embeddings, 8192)
+
+
 class Generator:
     def __init__(self, model: Model, max_seq_len: int | None = None):
         if max_seq_len is not None and max_seq_len < 2:
             raise ExlError(f"max_seq_len must be at least 2 tokens, not {max_seq_len}")
         self.model = model
-        self.max_seq_len = max_seq_len or min(model.config.max_position_embeddings, 8192)
+        self.max_seq_len = max_seq_len or default_seq_len(model.config)
         self.cache = model.new_cache(1, self.max_seq_len)
         self.cached_ids: list[int] = []
         self.graphs = graphs.DecodeGraphs(model, self.cache) if graphs.supported(model) else None

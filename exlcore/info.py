@@ -7,7 +7,7 @@ from pathlib import Path
 
 from exlcore.config import ModelConfig
 from exlcore.formats import format_of
-from exlcore.layers import Linear
+from exlcore.layers import linears
 from exlcore.loader import read_model_config
 from exlcore.weights import Weights
 
@@ -35,9 +35,10 @@ class ModelInfo:
     def formats(self) -> set:
         return set().union(*(g.formats for g in self.linears.values()))
 
-    def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of every layer, in fp16."""
         c = self.config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * bytes_per_value
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
 
 
 def _format(w: Weights, key: str) -> str:
@@ -52,23 +53,21 @@ def inspect(path) -> ModelInfo:
     _, spec, cfg = read_model_config(folder)
     w = Weights(folder)
     sizes = {k: i["data_offsets"][1] - i["data_offsets"][0] for k, (_, i) in w.index.items()}  # stored bytes
-    linears: dict[str, LinearGroup] = {}
+    groups: dict[str, LinearGroup] = {}
     counted: set[str] = set()
-    for module in spec.build(cfg).modules():
-        if not isinstance(module, Linear):
-            continue
-        role = re.sub(r"\.\d+\.", ".", re.sub(r"^model\.layers\.\d+\.", "", module.key))
-        group = linears.setdefault(role, LinearGroup())
+    for key, module in linears(spec.build(cfg)).items():
+        role = re.sub(r"\.\d+\.", ".", re.sub(r"^model\.layers\.\d+\.", "", key))
+        group = groups.setdefault(role, LinearGroup())
         group.count += 1
         group.weights += module.in_features * module.out_features
-        own = [k for k in sizes if k.startswith(module.key + ".")]
+        own = [k for k in sizes if k.startswith(key + ".")]
         group.bytes += sum(sizes[k] for k in own)
         counted.update(own)
-        group.formats.add(_format(w, module.key))
-    logical = sum(g.weights for g in linears.values()) + sum(
+        group.formats.add(_format(w, key))
+    logical = sum(g.weights for g in groups.values()) + sum(
         math.prod(i["shape"]) for k, (_, i) in w.index.items() if k not in counted and not k.startswith("lm_head."))
-    if "lm_head" in linears and not any(k.startswith("lm_head.") for k in sizes):
-        linears["lm_head"].formats = {"tied to embedding"}
-        logical -= linears["lm_head"].weights
-    return ModelInfo(folder, cfg, logical, sum(sizes.values()), linears)
+    if "lm_head" in groups and not any(k.startswith("lm_head.") for k in sizes):
+        groups["lm_head"].formats = {"tied to embedding"}
+        logical -= groups["lm_head"].weights
+    return ModelInfo(folder, cfg, logical, sum(sizes.values()), groups)
 

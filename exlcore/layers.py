@@ -47,6 +47,11 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def linears(module: nn.Module) -> dict[str, Linear]:
+    """Every Linear inside `module`, by checkpoint key, in declaration order."""
+    return {m.key: m for m in module.modules() if isinstance(m, Linear)}
+
+
 def project(x: torch.Tensor, linears: list[Linear]) -> list[torch.Tensor]:
     """Several linears of one input (q/k/v, gate/up): one kernel launch when all of them are packed."""
     if all(lin.kernel is not None for lin in linears):

@@ -21,7 +21,7 @@ def load_module(module: nn.Module, w: Weights, dtype: torch.dtype):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x += mlp(norm(x + attn(norm(x)))). The optional post-norms make Gemma 2/3's
+    """Pre-norm residual block: x += attn(norm(x)), then x += mlp(norm(x)). The optional post-norms make Gemma 2/3's
     sandwich form. A block takes and returns the hidden state as a residual x and a pending h (None for none),
     the state being x + h: each residual add is left to the norm after it, whose add_forward does it in the same
     launch. Architectures with another block shape supply their own module with the same forward (one that

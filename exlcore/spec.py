@@ -18,8 +18,9 @@ class Calibration:
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     # Route every calibration token through every expert, so no expert is quantized without data.
     all_experts_see_tokens: bool = False
-    # Tensor-name fragments that are never quantized (norms are never linears, so need no entry).
-    keep_unquantized: tuple[str, ...] = ("embed_tokens",)
+    # Fragments of the names of linears in the layers that stay unquantized, such as a router (embeddings, norms
+    # and the head are not layer linears, so need no entry).
+    keep_unquantized: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,6 @@ class Tokenizer:
         add_bos=False: templates write their own BOS."""
         template = template or self.chat_template
         if template is None:
-            raise ExlError("this model has no chat template; pick one with --mode (see `exl chat --help`)")
+            raise ExlError("this model has no chat template; pass one as `template` (plugins.chat_templates() has some)")
         return chat.render(template, messages, add_generation_prompt,
                            bos_token=self.bos_token or "", eos_token=self.eos_token or "")

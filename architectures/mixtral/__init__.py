@@ -33,7 +33,7 @@ SPEC = ArchitectureSpec(
         shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                        ("block_sparse_moe.experts.*.w1", "block_sparse_moe.experts.*.w3")),
         all_experts_see_tokens=True,
-        keep_unquantized=("embed_tokens", "block_sparse_moe.gate"),
+        keep_unquantized=("block_sparse_moe.gate",),
     ),
 )
 

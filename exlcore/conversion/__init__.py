@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from exlcore.calibration import calibration_rows
 from exlcore.conversion import options
 from exlcore.conversion.capture import chunks, groups, quantizable, run
-from exlcore.conversion.job import Job, write_json, write_tensors
+from exlcore.conversion.job import Job, make_writable_folder, write_json, write_tensors
 from exlcore.conversion.measure import measure_block
 from exlcore.conversion.optimize import Item, check_target, choose
 from exlcore.conversion.output import write_model
@@ -90,9 +90,7 @@ def _check(s: Settings):
     for flag, folder in (("-cf", s.compile_full), ("-om", s.output_measurement and str(Path(s.output_measurement).parent))):
         if folder:
             try:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                (Path(folder) / ".write-test").write_bytes(b"")
-                (Path(folder) / ".write-test").unlink()
+                make_writable_folder(Path(folder))
             except OSError as e:
                 raise ExlError(f"{flag} {folder}: cannot write there ({e.strerror}); choose a writable folder") from None
 

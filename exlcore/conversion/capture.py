@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from exlcore.attention import Step
-from exlcore.layers import Linear, SparseMoE
+from exlcore.layers import Linear, SparseMoE, linears
 from exlcore.model import Model, settled
 from exlcore.spec import Calibration
 
@@ -45,22 +45,20 @@ class Group:
 
 
 def quantizable(block: nn.Module, calibration: Calibration) -> dict[str, Linear]:
-    return {m.key: m for m in block.modules() if isinstance(m, Linear)
-            and not any(frag in m.key for frag in calibration.keep_unquantized)}
+    return {k: m for k, m in linears(block).items() if not any(frag in k for frag in calibration.keep_unquantized)}
 
 
 def groups(block: nn.Module, calibration: Calibration) -> list[Group]:
     """The block's quantizable linears grouped by shared input, in declaration order (see `order`)."""
-    linears = quantizable(block, calibration)
-    stage_of = {m.key: name for name, child in block.named_children() for m in child.modules()
-                if isinstance(m, Linear)}
+    keys_in = quantizable(block, calibration)
+    stage_of = {k: name for name, child in block.named_children() for k in linears(child)}
     out, taken = [], set()
     for patterns in calibration.shared_inputs:
-        keys = [k for k in linears if k not in taken and any(fnmatch(k, f"*.{p}") for p in patterns)]
+        keys = [k for k in keys_in if k not in taken and any(fnmatch(k, f"*.{p}") for p in patterns)]
         if keys:
             out.append(Group(keys, stage_of[keys[0]]))
             taken.update(keys)
-    out += [Group([k], stage_of[k]) for k in linears if k not in taken]
+    out += [Group([k], stage_of[k]) for k in keys_in if k not in taken]
     return out
 
 
@@ -87,9 +85,9 @@ class Capture:
         return not self._first_stage_only or stage == self._stage
 
     def __enter__(self):
-        linears = {m.key: m for m in self.block.modules() if isinstance(m, Linear)}
+        by_key = linears(self.block)
         for g in self.groups:
-            self._handles.append(linears[g.keys[0]].register_forward_pre_hook(self._hook(g.keys[0])))
+            self._handles.append(by_key[g.keys[0]].register_forward_pre_hook(self._hook(g.keys[0])))
         if self.all_experts:
             for stage, child in self.block.named_children():
                 for m in child.modules():

@@ -21,6 +21,14 @@ from exlcore.weights import Weights
 OWN = {"job.json", "layers", "calibration.safetensors", "measurement.json", ".write-test"}  # a job folder's files
 
 
+def make_writable_folder(folder: Path) -> None:
+    """Create `folder` if need be and write a file into it; OSError if either cannot be done."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def replace_atomically(path: Path, write) -> None:
     """Call write(tmp_path), then fsync it and rename it over `path`."""
     tmp = path.with_name(path.name + ".tmp")
@@ -57,11 +65,7 @@ class Job:
                     raise ExlError(f"{self.dir}: holds files that are not a conversion's ({', '.join(sorted(strays))}); "
                                    "choose another folder with -o")
                 shutil.rmtree(self.dir)
-            self.dir.mkdir(exist_ok=True)
-            (self.dir / "layers").mkdir(exist_ok=True)
-            probe = self.dir / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            make_writable_folder(self.dir / "layers")
         except OSError as e:
             raise ExlError(f"{work}: cannot write the conversion there ({e.strerror}); choose a writable folder with -o")
         self.state = {"settings": settings, "stage": "measure", "measured": 0, "quantized": 0}

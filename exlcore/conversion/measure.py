@@ -13,7 +13,7 @@ from torch import nn
 from exlcore.conversion.capture import Group, capture, run
 from exlcore.conversion.options import CANDIDATES, PROBE, layout
 from exlcore.errors import ExlError
-from exlcore.layers import Linear
+from exlcore.layers import linears
 from exlcore.model import Model
 from exlcore.quantize import gptq
 
@@ -23,14 +23,14 @@ def measure_block(block: nn.Module, model: Model, states: list[torch.Tensor], gr
     """Relative output error per candidate option for each linear of the block, and the block's outputs."""
     cap, ref = capture(block, model, states, groups, all_experts)
     energy = sum(float(y.square().sum()) for y in ref)
-    linears = {m.key: m for m in block.modules() if isinstance(m, Linear)}
+    by_key = linears(block)
     errors = {}
     for g in groups:
         h = cap.h.get(g.keys[0])
         if h is None:
             raise ExlError(f"{g.keys[0]}: the block never called this linear on calibration data; its architecture's "
                            "calibration declaration is wrong")
-        weights = [linears[k].weight for k in g.keys]
+        weights = [by_key[k].weight for k in g.keys]
         quantized = gptq([w for w in weights for _ in CANDIDATES],
                          [layout(o, h.shape[0]) for _ in weights for o in CANDIDATES], h, damp)
         for i, (key, w) in enumerate(zip(g.keys, weights)):
@@ -40,9 +40,9 @@ def measure_block(block: nn.Module, model: Model, states: list[torch.Tensor], gr
                 own.append(float(((dw @ h) * dw).sum()))
                 if j == PROBE:
                     probe = w + dw
-            linears[key].weight = probe
+            by_key[key].weight = probe
             reached = sum(float((a - b).square().sum()) for a, b in zip(run(block, model, states), ref))
-            linears[key].weight = w
+            by_key[key].weight = w
             gain = reached / max(own[PROBE], 1e-30)
             errors[key] = [e * gain / energy for e in own]
     return errors, ref

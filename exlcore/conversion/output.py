@@ -36,7 +36,7 @@ def shards(sizes: dict[str, int], limit_mb: int) -> list[list[str]]:
 
 
 def write_model(src: Path, out: Path, quantized: Weights, replaced: set[str], quantization_config: dict,
-                shard_mb: int) -> list[Path]:
+                shard_mb: int):
     """quantized: the EXL2 tensors by full name; replaced: source tensors they stand for (not copied)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)  # unfinished from here until the end
@@ -63,4 +63,3 @@ def write_model(src: Path, out: Path, quantized: Weights, replaced: set[str], qu
     config["quantization_config"] = quantization_config
     config["torch_dtype"] = "float16"
     write_json(out / "config.json", config)
-    return [out / n for n in names]

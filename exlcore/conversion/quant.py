@@ -10,7 +10,7 @@ from torch import nn
 from exlcore.conversion.capture import Group, capture, run
 from exlcore.conversion.options import layout
 from exlcore.formats import exl2
-from exlcore.layers import Linear
+from exlcore.layers import linears
 from exlcore.model import Model
 from exlcore.quantize import gptq, hessian
 
@@ -19,7 +19,7 @@ def quantize_block(block: nn.Module, model: Model, states: list[torch.Tensor], g
                    all_experts: bool, strategy: dict[str, str], damp: float
                    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """The block's EXL2 tensors (by full name) and its outputs with every linear quantized."""
-    linears = {m.key: m for m in block.modules() if isinstance(m, Linear)}
+    by_key = linears(block)
     packed = {}
     cap, _ = capture(block, model, states, groups, all_experts, first_stage_only=True)
     stage_of = {g.keys[0]: g.stage for g in groups}
@@ -30,19 +30,19 @@ def quantize_block(block: nn.Module, model: Model, states: list[torch.Tensor], g
             cap, _ = capture(block, model, states, members, all_experts)
         for g in members:
             h = cap.h[g.keys[0]]
-            lins = gptq([linears[k].weight for k in g.keys], [layout(strategy[k], h.shape[0]) for k in g.keys], h, damp)
+            lins = gptq([by_key[k].weight for k in g.keys], [layout(strategy[k], h.shape[0]) for k in g.keys], h, damp)
             for key, lin in zip(g.keys, lins):
                 packed.update({f"{key}.{s}": t for s, t in lin.pack().items()})
-                linears[key].weight = lin.dequantize().float()
+                by_key[key].weight = lin.dequantize().float()
     return packed, run(block, model, states)
 
 
 def set_quantized(block: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device):
     """Give the block's linears the weights a finished layer stored (as quantize_block left them)."""
-    for m in block.modules():
-        if isinstance(m, Linear) and f"{m.key}.q_weight" in tensors:
-            t = {s: tensors[f"{m.key}.{s}"].to(device) for s in exl2.SUFFIXES}
-            m.weight = exl2.read(t, m.key, m.in_features).dequantize().float()
+    for key, m in linears(block).items():
+        if f"{key}.q_weight" in tensors:
+            t = {s: tensors[f"{key}.{s}"].to(device) for s in exl2.SUFFIXES}
+            m.weight = exl2.read(t, key, m.in_features).dequantize().float()
 
 
 def quantize_head(weight: torch.Tensor, normed: list[torch.Tensor], option: str, damp: float
