@@ -7,19 +7,15 @@ import torch
 import exlcore
 from exlcore.evaluate import perplexity, windows
 from test_smollm2 import WIKI
-from tiny import CONFIGS, make_tiny
+from tiny import CONFIGS, make_tiny, max_error
 
 pytestmark = pytest.mark.cuda
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-def error(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
-
-
 def check_against_reference(ours, theirs, reference):
-    hf_err = error(theirs, reference)
-    assert error(ours, reference) <= max(2 * hf_err, 2e-3), (error(ours, reference), hf_err)
+    hf_err = max_error(theirs, reference)
+    assert max_error(ours, reference) <= max(2 * hf_err, 2e-3), (max_error(ours, reference), hf_err)
     agree = (ours.argmax(-1) == reference.argmax(-1)).float().mean()
     hf_agree = (theirs.argmax(-1) == reference.argmax(-1)).float().mean()
     assert agree >= hf_agree - 0.05  # argmax near-ties flip either way in low precision

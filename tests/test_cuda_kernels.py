@@ -11,6 +11,8 @@ from exlcore.formats import gptq
 from exlcore.formats.qmatrix import QMatmul, matmul
 from test_exl2 import MIXES, random_linear
 from test_gptq import make_gptq
+from test_quantize import correlated_inputs, output_error
+from tiny import max_error
 
 pytestmark = pytest.mark.cuda
 
@@ -162,7 +164,7 @@ def test_packed_linears_with_bias_sharing_one_launch(tmp_path, tiny_tokenizer_di
     model = exlcore.load(tmp_path / "exl2", device="cuda", dtype=torch.float16)
     assert model.layers[0].attn.q.kernel is not None and model.layers[0].attn.q.bias is not None
     got = model.forward(ids).cpu()
-    assert float((got - reference).abs().max() / reference.abs().max()) < 1e-2
+    assert max_error(got, reference) < 1e-2
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral", "gemma2"])
@@ -175,7 +177,7 @@ def test_exl2_models_on_gpu_match_the_cpu_reference(name):
     model = exlcore.load(FIXTURES / name, device="cuda", dtype=torch.float16)
     assert model.layers[0].attn.q.kernel is not None
     got = model.forward(ids).cpu()
-    assert float((got - reference).abs().max() / reference.abs().max()) < 1e-2
+    assert max_error(got, reference) < 1e-2
     # Greedy decoding (through CUDA graphs where the model allows them) picks, at every step, a token the
     # uncached forward over the whole sequence also ranks top (up to fp16 near-ties).
     prompt = ids[0, :16].tolist()
@@ -367,8 +369,8 @@ def test_gptq_kernels_follow_the_reference(ext, option):
     from exlcore.quantize import gptq, hessian
 
     k = 352
+    x = correlated_inputs(2048, k, seed=len(option))
     g = torch.Generator().manual_seed(len(option))
-    x = torch.randn(2048, k, generator=g) @ (torch.randn(k, k, generator=g) / k**0.5) * (torch.rand(k, generator=g) + 0.2)
     ws = [torch.randn(n, k, generator=g) * 0.05 for n in (96, 64)]
     layouts = [group_layout(k, parse_option(option)), group_layout(k, parse_option("0.1:4b_64g/0.9:3b_32g"))]
     h = hessian(x)
@@ -376,8 +378,7 @@ def test_gptq_kernels_follow_the_reference(ext, option):
     gpu = gptq([w.cuda() for w in ws], layouts, h.cuda())
     for w, a, b in zip(ws, cpu, gpu):
         assert (a.codes == b.codes.cpu()).float().mean() > 0.99
-        errs = [float((x @ (lin.dequantize().float().cpu() - w).T).norm() / (x @ w.T).norm()) for lin in (a, b)]
-        assert errs[1] == pytest.approx(errs[0], rel=0.02)
+        assert output_error(b, w, x) == pytest.approx(output_error(a, w, x), rel=0.02)
 
 
 def test_scale_search_kernel_matches_reference(ext):

@@ -12,6 +12,11 @@ from exlcore.calibration import CALIBRATION_DIR
 # (test_calibration checks it where ../shared is at hand).
 TINY_TEXT = CALIBRATION_DIR / "tiny.utf8"
 
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference from the reference b, relative to b's largest magnitude (in fp32)."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=0, eos_token_id=2,
               pad_token_id=0)
