@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Kernel variants side by side in one device call: AB="main bulk-rows bulk-rows+stages4" bash benchmarks/device.sh ab
+# Kernel variants side by side in one device call: AB="main bulk-rows bulk-rows+evict-first" bash benchmarks/device.sh ab
 # A variant is `main` (exlcore/ as it is) or patches from benchmarks/variants/ joined by +, applied in that order to a
 # copy of exlcore/ under .build/ab. All are built at once; then each one's batch-1 decode tok/s (benchmarks/decode.py,
 # AB_ROUNDS rounds, default 4), taking turns, twice over; then each one's kernel table (benchmarks/kernels.py); and
