@@ -11,6 +11,7 @@ from exlcore.layers import linears
 from exlcore.loader import read_model_config
 from exlcore.weights import Weights
 
+
 @dataclass
 class LinearGroup:
     count: int = 0

@@ -18,7 +18,7 @@ from exlcore.errors import ExlError
 from exlcore.weights import Weights
 
 
-OWN = {"job.json", "layers", "calibration.safetensors", "measurement.json", ".write-test"}  # a job folder's files
+OWN = {"job.json", "layers", "calibration.safetensors", "measurement.json"}  # what a job folder holds
 
 
 def make_writable_folder(folder: Path) -> None:
