@@ -187,11 +187,19 @@ BAD = {
 }
 
 
+@pytest.fixture(scope="module")
+def tiny_exl2(tmp_path_factory, tiny_tokenizer_dir):
+    root = tmp_path_factory.mktemp("tiny-exl2")
+    make_tiny("llama", root / "hf", tiny_tokenizer_dir)
+    to_exl2(root / "hf", root / "exl2", lambda k: [(4, k // 2), (3, k // 2)])
+    return root / "exl2"
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_damaged_exl2_names_the_tensor(case, tmp_path, tiny_tokenizer_dir):
-    make_tiny("llama", tmp_path / "hf", tiny_tokenizer_dir)
-    to_exl2(tmp_path / "hf", tmp_path / "exl2", lambda k: [(4, k // 2), (3, k // 2)])
+def test_damaged_exl2_names_the_tensor(case, tmp_path, tiny_exl2):
+    folder = tmp_path / "exl2"
+    shutil.copytree(tiny_exl2, folder)
     change, message = BAD[case]
-    damage("model.layers.1.self_attn.q_proj", change)(tmp_path / "exl2")
+    damage("model.layers.1.self_attn.q_proj", change)(folder)
     with pytest.raises(exlcore.ExlError, match=message):
-        exlcore.load(tmp_path / "exl2", device="cpu")
+        exlcore.load(folder, device="cpu")
