@@ -226,6 +226,12 @@ def test_a_job_folder_of_someone_elses_is_left_alone(tmp_path):
     with pytest.raises(exlcore.ExlError, match=r"job: holds files that are not a conversion's \(notes.txt\)"):
         Job(tmp_path, {"rows": 10}, restart=True)
     assert notes.read_text() == "mine"
+    (tmp_path / "other").mkdir()
+    damaged = tmp_path / "other" / "job" / "job.json"
+    damaged.parent.mkdir()
+    damaged.write_text("[1, 2")
+    with pytest.raises(exlcore.ExlError, match="job.json: not a conversion state file; remove it or rerun with -nr"):
+        Job(tmp_path / "other", {"rows": 10}, restart=False)
     # safetensors' own I/O errors become one line too.
     with pytest.raises(exlcore.ExlError, match="gone/x.safetensors: cannot write it"):
         write_tensors(tmp_path / "gone" / "x.safetensors", {"x": torch.zeros(2)})

@@ -83,3 +83,13 @@ def test_smollm2_on_the_evaluation_slice(smollm2_dir, capsys):
     9.801 (shared/data/README.md). The CPU computes in fp32."""
     ppl, _ = run_ppl(capsys, "-m", smollm2_dir, "--batch", 2)
     assert ppl == pytest.approx(9.801, abs=0.03)
+
+
+def test_a_reference_of_another_vocabulary_is_refused(models, tmp_path, tiny_tokenizer_dir, capsys):
+    root = models[0]
+    make_tiny("llama", tmp_path / "wide", tiny_tokenizer_dir, vocab_size=640)
+    capsys.readouterr()  # transformers' own output while saving
+    assert main(["eval", "ppl", "-m", str(root / "hf"), "--text", str(root / "text.txt"), "-l", "64", "--rows", "2",
+                 "--ref", str(tmp_path / "wide"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "the reference model's vocabulary (640) differs from the model's (512)" in err and err.count("\n") == 1

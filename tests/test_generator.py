@@ -1,6 +1,7 @@
 """Generator behaviour on a tiny model: streaming, stop strings and ids, prefix reuse, seeds."""
 
 import pytest
+import torch
 
 import exlcore
 from tiny import make_tiny
@@ -94,3 +95,10 @@ def test_overlong_request_is_refused(model):
     gen = exlcore.Generator(model, max_seq_len=32)
     with pytest.raises(exlcore.ExlError, match="exceed max_seq_len 32"):
         gen.generate("Once upon a time", max_new_tokens=40)
+
+
+def test_forward_past_the_cache_is_refused(model):
+    cache = model.new_cache(1, 16)
+    model.forward(torch.ones(1, 12, dtype=torch.long), cache)
+    with pytest.raises(exlcore.ExlError, match="context overflow: 17 tokens exceed the cache's 16; raise max_seq_len"):
+        model.forward(torch.ones(1, 5, dtype=torch.long), cache)
