@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Kernel variants side by side in one device call: AB="main bulk-rows bulk-rows+evict-first" bash benchmarks/device.sh ab
-# A variant is `main` (exlcore/ as it is) or patches from benchmarks/variants/ joined by +, applied in that order to a
-# copy of exlcore/ under .build/ab. All are built at once; then each one's batch-1 decode tok/s (benchmarks/decode.py,
-# AB_ROUNDS rounds, default 4), taking turns, twice over; then each one's kernel table (benchmarks/kernels.py); and
-# with AB_TESTS set (a pytest -k expression), each patched variant's CUDA tests that match it.
+# Kernel variants side by side in one device call: AB="main idea idea+other" bash benchmarks/device.sh ab
+# A variant is `main` (exlcore/ as it is) or patches benchmarks/variants/NAME.patch joined by +, applied in that order
+# to a copy of exlcore/ under .build/ab (git diff output, led by a few lines on what it tries and why). All are built
+# at once; then each one's batch-1 decode tok/s (benchmarks/decode.py, AB_ROUNDS rounds, default 4), taking turns,
+# twice over; then each one's kernel table (benchmarks/kernels.py); and with AB_TESTS set (a pytest -k expression),
+# each patched variant's CUDA tests that match it. Three variants take about 3 minutes on an H100 machine.
 set -uo pipefail
 root=$PWD/.build/ab
-variants=(${AB:?set AB to the variants to compare, e.g. AB=\"main bulk-rows\"})
+variants=(${AB:?set AB to the variants to compare, e.g. AB=\"main idea\"})
 py() {  # py VARIANT ARGS...: python with that variant's exlcore and build folder (-P: not the one in the tree)
   local v=$1; shift
   EXLCORE_BUILD_DIR=$root/$v.build PYTHONPATH=$root/$v:$PWD/benchmarks python3 -P "$@"
