@@ -83,7 +83,6 @@ def parse_rope(raw: dict, layer_type: str | None = None) -> RopeConfig:
         params = params[layer_type]
     if not isinstance(params, dict):
         params = dict(raw.get("rope_scaling") or {})
-        params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind not in KNOWN_TYPES:
         raise ExlError(f"config.json: rope type {kind!r} is not supported (supported: {', '.join(KNOWN_TYPES)})")
