@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import exlcore
+from exlcore.config import parse_rope
 from exlcore.conversion import Settings, _rope_override
 from exlcore.conversion.capture import Capture, Group
 from exlcore.evaluate import evaluate
 from exlcore.layers import Linear
-from exlcore.config import parse_rope
 from exlcore.rope import inv_frequencies
 from test_exl2 import to_exl2
 from tiny import TINY_TEXT, make_tiny

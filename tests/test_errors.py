@@ -85,6 +85,16 @@ def test_null_settings_take_their_defaults(good, tmp_path):
     assert (cfg.max_position_embeddings, cfg.norm_eps, cfg.rope.theta) == (4096, 1e-6, 10000.0)
 
 
+def test_a_file_cut_short_after_indexing_names_the_tensor(good, tmp_path):
+    from exlcore.weights import Weights
+
+    folder = damaged(good, tmp_path, lambda f: None)
+    weights = Weights(folder)
+    truncate(folder)  # safetensors itself finds it too short now
+    with pytest.raises(exlcore.ExlError, match=r"model.safetensors: tensor 'model.norm.weight' cannot be read"):
+        weights.get("model.norm.weight")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_api_raises_one_exception_type(case, good, tmp_path):
     damage, message = CASES[case]
