@@ -2,6 +2,8 @@
 
 import torch
 
+from exlcore.errors import ExlError
+
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, max_len: int, heads: int, kv_heads: int, head_dim: int,
@@ -12,8 +14,14 @@ class KVCache:
         # The decode attention kernel's counters (one per sequence, KV head and slice of 8 query heads, so at
         # most batch * heads), which it leaves at zero; allocated here, once, so CUDA graphs replay the same ones.
         self.counters = torch.zeros(batch * heads, device=device, dtype=torch.int32)
-        self.max_len = max_len
+        self.batch, self.max_len = batch, max_len
         self.length = 0  # tokens already stored; the next forward writes from here
+
+    def check_room(self, tokens: int):
+        """Raise unless `tokens` more fit."""
+        if self.length + tokens > self.max_len:
+            raise ExlError(f"context overflow: {self.length + tokens} tokens exceed the cache's {self.max_len}; "
+                           "raise max_seq_len")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kv_len: int):
         """Write this step's k/v (B, H, T, D) at cache slots `slots` (T,), a device tensor so a CUDA graph can

@@ -1,11 +1,13 @@
-"""CUDA graphs for single-token decode. One graph per KV-length bucket, replayed with the token and its
+"""CUDA graphs for single-token decode. One graph per KV-length bucket, replayed with the tokens and their
 position written into static input buffers: a decode step costs one graph launch instead of hundreds of
-kernel launches, which dominate batch-1 decode otherwise."""
+kernel launches, which dominate small-batch decode otherwise. Every sequence of the cache's batch takes one
+token per step, all at the same position (the Generator's batch of one; a batch of equal-length prompts)."""
 
 import torch
 
 from exlcore.attention import Step
 from exlcore.cache import KVCache
+from exlcore.errors import ExlError
 from exlcore.model import Model
 
 BUCKET = 256  # a graph attends over keys up to its bucket's end (positions beyond are masked or skipped)
@@ -18,9 +20,11 @@ def supported(model: Model) -> bool:
 
 class DecodeGraphs:
     def __init__(self, model: Model, cache: KVCache):
+        if not supported(model):
+            raise ExlError("this model decodes without CUDA graphs (CPU, MoE or dynamic rope): use model.forward")
         self.model, self.cache = model, cache
-        self.ids = torch.zeros((1, 1), dtype=torch.long, device=model.device)
-        self.positions = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+        self.ids = torch.zeros((cache.batch, 1), dtype=torch.long, device=model.device)
+        self.positions = torch.zeros((cache.batch, 1), dtype=torch.long, device=model.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.tables = None  # the rope table versions the graphs were captured with
@@ -36,12 +40,15 @@ class DecodeGraphs:
             self.tables = tables
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Append one token, a (1,) device tensor, to the cache and return its (1, 1, vocab) logits. Nothing waits
-        for the GPU: the token may still be being sampled."""
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per sequence, a (batch,) device tensor, to the cache and return their (batch, 1, vocab)
+        logits, which the next step overwrites. Nothing waits for the GPU: the tokens may still be being sampled."""
+        if tokens.numel() != self.cache.batch:
+            raise ExlError(f"{tokens.numel()} tokens for a cache of {self.cache.batch} sequences: give one per sequence")
+        self.cache.check_room(1)
         position = self.cache.length
         kv_len = min(-(-(position + 1) // BUCKET) * BUCKET, self.cache.max_len)
-        self.ids.copy_(token.view(1, 1))
+        self.ids.copy_(tokens.view(-1, 1))
         self.positions.fill_(position)
         self._check_tables()
         if kv_len not in self.graphs:

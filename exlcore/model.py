@@ -6,7 +6,6 @@ from torch import nn
 from exlcore.attention import Attention, Step
 from exlcore.cache import KVCache
 from exlcore.config import ModelConfig
-from exlcore.errors import ExlError
 from exlcore.layers import Embedding, Head, RMSNorm
 from exlcore.weights import Weights
 
@@ -75,8 +74,8 @@ class Model(nn.Module):
         input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ExlError(f"context overflow: {start + T} tokens exceed the cache's {cache.max_len}; raise max_seq_len")
+        if cache is not None:
+            cache.check_room(T)
         positions = torch.arange(start, start + T, device=self.device).repeat(B, 1)  # contiguous, for kernels
         logits = self.run(input_ids, Step(positions, cache, start + T, start, self.dtype), last_only)
         if cache is not None:

@@ -6,6 +6,7 @@ import torch
 
 import exlcore
 from exlcore.evaluate import perplexity, windows
+from exlcore.graphs import DecodeGraphs
 from test_smollm2 import WIKI
 from tiny import CONFIGS, make_tiny, max_error
 
@@ -77,6 +78,26 @@ def test_cuda_graph_decode_matches_eager(name, tmp_path, tiny_tokenizer_dir):
             gen.graphs = None
         runs.append(list(gen.tokens(prompt, 260, temperature=0, stop_ids=set())))
     assert runs[0] == runs[1] and len(runs[0]) == 260
+
+
+def test_batched_graph_decode_matches_eager(tmp_path, tiny_tokenizer_dir):
+    """DecodeGraphs steps a batch of sequences as eager forwards do, across a bucket boundary, and refuses a wrong
+    number of tokens and a full cache."""
+    make_tiny("llama", tmp_path, tiny_tokenizer_dir)
+    model = exlcore.load(tmp_path, device="cuda", dtype=torch.float32)
+    ids = torch.randint(3, 512, (3, 250), generator=torch.Generator().manual_seed(5)).cuda()
+    graphed, eager = model.new_cache(3, 270), model.new_cache(3, 270)
+    model.forward(ids, graphed)
+    logits = model.forward(ids, eager, last_only=True)
+    decode = DecodeGraphs(model, graphed)
+    for _ in range(20):  # positions 250 .. 269: buckets 256 and 270
+        tokens = logits[:, -1].argmax(-1)
+        logits = model.forward(tokens[:, None], eager, last_only=True)
+        torch.testing.assert_close(decode.step(tokens), logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(exlcore.ExlError, match="2 tokens for a cache of 3 sequences"):
+        decode.step(tokens[:2])
+    with pytest.raises(exlcore.ExlError, match="context overflow: 271 tokens"):
+        decode.step(tokens)
 
 
 def test_graphs_recapture_after_the_rope_table_grows(tmp_path, tiny_tokenizer_dir):

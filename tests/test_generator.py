@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import exlcore
+from exlcore.graphs import DecodeGraphs
 from tiny import make_tiny
 
 
@@ -102,3 +103,8 @@ def test_forward_past_the_cache_is_refused(model):
     model.forward(torch.ones(1, 12, dtype=torch.long), cache)
     with pytest.raises(exlcore.ExlError, match="context overflow: 17 tokens exceed the cache's 16; raise max_seq_len"):
         model.forward(torch.ones(1, 5, dtype=torch.long), cache)
+
+
+def test_decode_graphs_refuse_a_model_they_cannot_capture(model):
+    with pytest.raises(exlcore.ExlError, match="decodes without CUDA graphs .* use model.forward"):
+        DecodeGraphs(model, model.new_cache(2, 16))
