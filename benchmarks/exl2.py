@@ -8,7 +8,7 @@ the head at 6 bits as exllamav2's default -hb 6 makes it). Both libraries load t
 
   decode   tokens/s per sequence (steps/s) for batch 1, 4, 16: a 128-token prefill, then 128 single-token steps
            with a KV cache. exlcore batch 1 runs through its Generator, batch 4 and 16 through
-           exlcore.graphs.DecodeGraphs: the same CUDA graphs, one token per sequence. exllamav2 runs plain
+           exlcore.speed.decode_rate (`exl bench`): the same CUDA graphs, one token per sequence. exllamav2 runs plain
            forward loops (it has no graphs), with EXLLAMA_NO_SDPA=1 (its SDPA fallback drops the causal mask).
   prefill  tokens/s of one 2048-token forward into an empty cache (exllamav2: its matmul attention, no
            flash-attn here; exlcore: torch SDPA).
@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from core import COPY_BANDWIDTH, LLAMA31_ROPE, write_tokenizer
 
 import exlcore
-from exlcore.graphs import DecodeGraphs
+from exlcore.speed import decode_rate
 
 SHAPE = dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
              intermediate_size=14336, vocab_size=128256)
@@ -182,24 +182,6 @@ def torch_read(model) -> tuple[float, int]:
     return timed(graph.replay, 5), sum(w.numel() * 4 for w in weights)
 
 
-def batch_decode_rate(model, ids: torch.Tensor, steps: int) -> float:
-    """Steps/s of DecodeGraphs over a batch after its prompts ids (B, T); the first run captures the graph. The
-    cache and graphs are freed on return, so the next measurement's peak memory does not hold them."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + steps)
-    decode = DecodeGraphs(model, cache)
-
-    def prefill_only():
-        cache.truncate(0)
-        model.forward(ids, cache, last_only=True)
-
-    def run():
-        prefill_only()
-        for _ in range(steps):
-            decode.step(ids[:, 0])
-
-    return steps / (timed(run, 1) - timed(prefill_only, 1))
-
-
 def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -214,8 +196,8 @@ def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: b
     r["torch_read_s"], r["torch_read_bytes"] = torch_read(model)
     if profile:
         print(decode_profile(g, prompt), flush=True)
-    for batch in (4, 16):
-        r[f"decode_{batch}"] = batch_decode_rate(model, torch.randint(0, vocab, (batch, 128), generator=gen).cuda(), steps)
+    for batch in (4, 16):  # each batch's cache and graphs are freed on return, before the next measurement
+        r[f"decode_{batch}"] = decode_rate(model, batch, 128, steps)
     x = torch.randint(0, vocab, (1, prefill), generator=gen).cuda()
     r["prefill"] = prefill / timed(lambda: model.forward(x, model.new_cache(1, prefill), last_only=True))
     r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9

@@ -8,11 +8,11 @@ from exlcore.errors import ExlError
 
 def parser() -> argparse.ArgumentParser:
     from exlcore import plugins
-    from exlcore.cli import convert, evaluate, generate, inspect
+    from exlcore.cli import bench, convert, evaluate, generate, inspect
 
     p = argparse.ArgumentParser(prog="exl", description="Run LLMs (Hugging Face, EXL2, GPTQ folders) with exlcore.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate, inspect, evaluate, convert):
+    for module in (generate, inspect, evaluate, bench, convert):
         module.register(sub)
     plugins.manager().hook.register_commands(subparsers=sub)
     return p

@@ -44,7 +44,8 @@ class DecodeGraphs:
         """Append one token per sequence, a (batch,) device tensor, to the cache and return their (batch, 1, vocab)
         logits, which the next step overwrites. Nothing waits for the GPU: the tokens may still be being sampled."""
         if tokens.numel() != self.cache.batch:
-            raise ExlError(f"{tokens.numel()} tokens for a cache of {self.cache.batch} sequences: give one per sequence")
+            raise ExlError(f"{tokens.numel()} tokens for a cache of {self.cache.batch} sequences: give one per "
+                           "sequence")
         self.cache.check_room(1)
         position = self.cache.length
         kv_len = min(-(-(position + 1) // BUCKET) * BUCKET, self.cache.max_len)

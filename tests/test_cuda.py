@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import exlcore
+from exlcore.cli import main
 from exlcore.evaluate import perplexity, windows
 from exlcore.graphs import DecodeGraphs
 from test_smollm2 import WIKI
@@ -98,6 +99,13 @@ def test_batched_graph_decode_matches_eager(tmp_path, tiny_tokenizer_dir):
         decode.step(tokens[:2])
     with pytest.raises(exlcore.ExlError, match="context overflow: 271 tokens"):
         decode.step(tokens)
+
+
+def test_bench_decodes_batches_through_graphs(tmp_path, tiny_tokenizer_dir, capsys):
+    make_tiny("llama", tmp_path, tiny_tokenizer_dir, max_position_embeddings=1024)
+    assert main(["bench", "-m", str(tmp_path), "-p", "200", "-n", "100", "-b", "1", "4"]) == 0  # across a bucket
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["prefill", "decode, batch 1", "decode, batch 4", "peak GPU memory"]
 
 
 def test_graphs_recapture_after_the_rope_table_grows(tmp_path, tiny_tokenizer_dir):
