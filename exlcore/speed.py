@@ -37,8 +37,9 @@ def _ids(model: Model, batch: int, length: int) -> torch.Tensor:
 def prefill_rate(model: Model, tokens: int) -> float:
     """Tokens/s of one `tokens`-long forward into an empty cache."""
     ids = _ids(model, 1, tokens).to(model.device)
-    runs = [_seconds(model, lambda: model.forward(ids, model.new_cache(1, tokens), last_only=True)) for _ in range(2)]
-    return tokens / runs[-1]
+    seconds = [_seconds(model, lambda: model.forward(ids, model.new_cache(1, tokens), last_only=True))
+               for _ in range(2)]  # the first warms up
+    return tokens / seconds[-1]
 
 
 @torch.inference_mode()
@@ -59,7 +60,7 @@ def decode_rate(model: Model, batch: int, prompt: int, steps: int) -> float:
             step(tokens)
 
     seconds = []
-    for _ in range(2):
+    for _ in range(2):  # the first warms up and captures the graphs
         cache.truncate(0)
         model.forward(ids, cache, last_only=True)
         seconds.append(_seconds(model, decode))
