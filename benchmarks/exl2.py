@@ -12,6 +12,10 @@ the head at 6 bits as exllamav2's default -hb 6 makes it). Both libraries load t
            forward loops (it has no graphs), with EXLLAMA_NO_SDPA=1 (its SDPA fallback drops the causal mask).
   prefill  tokens/s of one 2048-token forward into an empty cache (exllamav2: its matmul attention, no
            flash-attn here; exlcore: torch SDPA).
+  ragged   generated tokens/s over the whole call (prefill included) of 16 text prompts of about 100 to 720 tokens, 128
+           greedy tokens each, as one batch: exlcore's Generator.generate(list), exllamav2's generate_simple(list)
+           (left padding; its dynamic generator batches only in paged mode, which needs flash-attn); and exlcore
+           generating them one after another, the way without batching.
   GB/s     bytes of quantized weights read per decode step (every linear's tensors, the fp16 embedding row
            aside) x steps/s; compared with the measured 3.0 TB/s copy bandwidth.
   read     the step's packed q_weight tensors read by one torch.sum each, in model order, replayed from a CUDA
@@ -182,6 +186,20 @@ def torch_read(model) -> tuple[float, int]:
     return timed(graph.replay, 5), sum(w.numel() * 4 for w in weights)
 
 
+RAGGED, RAGGED_IDS, RAGGED_ROOM = 16, 512, 1024  # prompts; the most ids drawn for one; cache room for a prompt
+
+
+def ragged_prompts(folder: Path) -> list[str]:
+    """RAGGED texts of 32 to RAGGED_IDS random ids (seeded, below the benchmark tokenizer's 512), decoded: they
+    encode to about 100 to 720 tokens."""
+    from exlcore.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(folder, json.loads((folder / "config.json").read_text()))
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.randint(32, RAGGED_IDS + 1, (RAGGED,), generator=gen).tolist()
+    return [tokenizer.decode(torch.randint(2, 512, (n,), generator=gen).tolist()) for n in lengths]
+
+
 def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -200,18 +218,24 @@ def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: b
         r[f"decode_{batch}"] = decode_rate(model, batch, 128, steps)
     x = torch.randint(0, vocab, (1, prefill), generator=gen).cuda()
     r["prefill"] = prefill / timed(lambda: model.forward(x, model.new_cache(1, prefill), last_only=True))
-    r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9  # before the ragged batch's larger cache
+    prompts = ragged_prompts(folder)
+    g = exlcore.Generator(model, max_seq_len=RAGGED_ROOM + steps)
+    r["ragged"] = len(prompts) * steps / timed(lambda: g.generate(prompts, max_new_tokens=steps, temperature=0), 1)
+    r["ragged_alone"] = len(prompts) * steps / timed(
+        lambda: [g.generate(p, max_new_tokens=steps, temperature=0) for p in prompts], 1)
     return r
 
 
 def bench_exllamav2(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
-    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
+    from exllamav2.generator import ExLlamaV2BaseGenerator, ExLlamaV2Sampler
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     config = ExLlamaV2Config(str(folder))
-    config.max_seq_len = max(prefill, 128 + steps + 8)
+    config.max_seq_len = max(prefill, RAGGED_ROOM + steps)
     model = ExLlamaV2(config)
     model.load()
     torch.cuda.synchronize()
@@ -240,7 +264,14 @@ def bench_exllamav2(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
         model.forward(x, cache, last_id_only=True)
 
     r["prefill"] = prefill / timed(full)
-    r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9  # before the ragged batch's larger cache
+    del cache
+    tokenizer = ExLlamaV2Tokenizer(config)
+    cache = ExLlamaV2Cache(model, batch_size=RAGGED, max_seq_len=RAGGED_ROOM + steps)
+    generator = ExLlamaV2BaseGenerator(model, cache, tokenizer)
+    prompts = ragged_prompts(folder)
+    r["ragged"] = len(prompts) * steps / timed(
+        lambda: generator.generate_simple(prompts, ExLlamaV2Sampler.Settings.greedy(), steps, stop_token=None), 1)
     model.unload()
     return r
 
@@ -265,13 +296,15 @@ def main():
     if not args.skip_exllamav2:
         rows["exllamav2"] = bench_exllamav2(folder, shape["vocab_size"], steps, prefill)
         print("exllamav2", rows["exllamav2"], flush=True)
-    lines = ["| library | load s | peak GB | prefill tok/s | decode b1 tok/s | b1 GB/s | of 3.0 TB/s | b4 tok/s | b16 tok/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| library | load s | peak GB | prefill tok/s | decode b1 tok/s | b1 GB/s | of 3.0 TB/s | b4 tok/s | b16 tok/s "
+             "| ragged 16 tok/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         gbps = weight_bytes * r["decode_1"] / 1e9
         lines.append(f"| {name} | {r['load_s']:.1f} | {r['peak_gb']:.2f} | {r['prefill']:,.0f} | {r['decode_1']:.1f} | "
-                     f"{gbps:.0f} | {gbps * 1e9 / COPY_BANDWIDTH:.1%} | {r['decode_4']:.1f} | {r['decode_16']:.1f} |")
+                     f"{gbps:.0f} | {gbps * 1e9 / COPY_BANDWIDTH:.1%} | {r['decode_4']:.1f} | {r['decode_16']:.1f} | "
+                     f"{r['ragged']:,.0f} |")
     ours = rows["exlcore"]
+    lines.append(f"\nexlcore generating the ragged prompts one after another: {ours['ragged_alone']:,.0f} tok/s.")
     lines.append(f"\nThe step's q_weight tensors ({ours['torch_read_bytes'] / 1e9:.2f} GB) read by one torch.sum each "
                  f"take {ours['torch_read_s'] * 1e3:.2f} ms ({ours['torch_read_bytes'] / ours['torch_read_s'] / 1e9:.0f} "
                  f"GB/s); an exlcore batch-1 step takes {1e3 / ours['decode_1']:.2f} ms.")

@@ -24,10 +24,10 @@ MAX_FUSED_ROW_BYTES = 512
 class Step:
     """What every layer needs to know about one forward pass."""
 
-    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
+    positions: torch.Tensor  # (B, T) absolute positions of the new tokens, contiguous (kernels index it flat)
     cache: KVCache | None
     kv_len: int  # keys to attend over: the cached ones and the new ones, or a CUDA graph's fixed bucket
-    start: int | None  # position of the first new token; None when only the device knows it (graphs)
+    start: int | None  # every sequence's first new position; None when they differ or only the device knows (graphs)
     dtype: torch.dtype
     _masks: dict = field(default_factory=dict)
 
@@ -98,8 +98,8 @@ class Attention(nn.Module):
 
     def rotate_and_store(self, q, k, v, step: Step):
         """q, k, v (B, T, heads, D) -> (B, heads, T, D) with q and k rotated; with a cache, k and v are written at
-        positions[0] and the first kv_len cached keys and values come back. On CUDA, one launch when there are
-        both rotary and a cache (in place on q)."""
+        each sequence's positions and the first kv_len cached keys and values come back. On CUDA, one launch when
+        there are both rotary and a cache (in place on q)."""
         cache, ext = step.cache, on(q)
         if ext is not None and self.rotary is not None and cache is not None:
             ext.rotary_cache_(q, k, v, self.rotary.cos, self.rotary.sin, step.positions, cache.k[self.layer],
@@ -109,7 +109,7 @@ class Attention(nn.Module):
             q, k = self.rotary.apply(q, step.positions), self.rotary.apply(k, step.positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, step.positions[0], step.kv_len)
+            k, v = cache.update(self.layer, k, v, step.positions, step.kv_len)
         return q, k, v
 
 

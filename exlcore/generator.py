@@ -1,7 +1,8 @@
-"""Text generation over a Model: prefill, then one token at a time with a KV cache, streaming text.
+"""Text generation over a Model: prefill, then one token at a time with a KV cache, streaming text; or a batch of
+prompts of any lengths, decoded together.
 
-The cache is kept between calls and reused up to the longest common prefix of token ids, so a chat that
-resends its whole history only prefills the new turn."""
+The single prompt's cache is kept between calls and reused up to the longest common prefix of token ids, so a
+chat that resends its whole history only prefills the new turn."""
 
 import time
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from exlcore import graphs
+from exlcore.cache import KVCache
 from exlcore.errors import ExlError
 from exlcore.model import Model
 from exlcore.sampling import SamplingSettings, sample
@@ -30,20 +32,20 @@ class GenerationStats:
 
 
 class _Readback:
-    """A (1,) device tensor's value, copied to the host without waiting for work queued after it."""
+    """A (B,) device tensor's values, copied to the host without waiting for work queued after it."""
 
     def __init__(self, t: torch.Tensor):
         cuda = t.device.type == "cuda"
-        self.buffer = torch.empty(1, dtype=t.dtype, pin_memory=cuda)
+        self.buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
         self.buffer.copy_(t, non_blocking=cuda)
         self.done = torch.cuda.Event() if cuda else None
         if cuda:
             self.done.record()
 
-    def value(self) -> int:
+    def values(self) -> list[int]:
         if self.done is not None:
             self.done.synchronize()
-        return int(self.buffer[0])
+        return self.buffer.tolist()
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -62,6 +64,25 @@ def default_seq_len(config) -> int:
     return min(config.max_position_embeddings, 8192)
 
 
+Prompt = str | list[int]
+
+
+def _is_batch(prompt) -> bool:
+    return isinstance(prompt, list) and any(not isinstance(p, int) for p in prompt)
+
+
+def _stops(tokenizer, stop: list[str | int] | None) -> tuple[list[str], set[int]]:
+    """The stop strings, and the stop ids with the model's own end-of-sequence ids."""
+    return ([s for s in stop or [] if isinstance(s, str) and s],
+            set(tokenizer.stop_ids) | {s for s in stop or [] if isinstance(s, int)})
+
+
+def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to its first stop string, and whether it had one."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
 class Generator:
     def __init__(self, model: Model, max_seq_len: int | None = None):
         if max_seq_len is not None and max_seq_len < 2:
@@ -71,29 +92,34 @@ class Generator:
         self.cache = model.new_cache(1, self.max_seq_len)
         self.cached_ids: list[int] = []
         self.graphs = graphs.DecodeGraphs(model, self.cache) if graphs.supported(model) else None
-        self.stats = GenerationStats()
+        self.batch: tuple[KVCache, graphs.DecodeGraphs | None] | None = None  # the last batch's cache and graphs
+        self.stats: GenerationStats | list[GenerationStats] = GenerationStats()  # a list for a batch
 
-    def generate(self, prompt: str | list[int], **kwargs) -> str:
+    def generate(self, prompt: Prompt | list[Prompt], **kwargs) -> str | list[str]:
+        """The continuation of `prompt`, or of each prompt of a list (texts and/or lists of token ids), decoded
+        together as one batch. Options as `stream` takes them."""
+        if _is_batch(prompt):
+            return self._generate_batch(prompt, **kwargs)
         return "".join(self.stream(prompt, **kwargs))
 
-    def stream(self, prompt: str | list[int], max_new_tokens: int = 256, stop: list[str | int] | None = None,
+    def stream(self, prompt: Prompt, max_new_tokens: int = 256, stop: list[str | int] | None = None,
                add_bos: bool | None = None, **sampling) -> Iterator[str]:
         """Yield the continuation of `prompt` piece by piece. `stop` holds strings and/or token ids; the
         model's own end-of-sequence ids always stop. The stop string itself is not returned. `sampling`:
         temperature, top_k, top_p, min_p, repetition_penalty, seed (see `tokens`)."""
+        if _is_batch(prompt):
+            raise ExlError("stream takes one prompt; give a list of prompts to generate")
         tok = self.model.tokenizer
         ids = tok.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else prompt
-        stop_strings = [s for s in stop or [] if isinstance(s, str) and s]
-        stop_ids = set(tok.stop_ids) | {s for s in stop or [] if isinstance(s, int)}
+        stop_strings, stop_ids = _stops(tok, stop)
         generated: list[int] = []
         emitted = 0
         for token in self.tokens(ids, max_new_tokens, stop_ids=stop_ids, **sampling):
             generated.append(token)
-            text = tok.decode(generated)
-            hits = [i for i in (text.find(s, max(emitted - len(s), 0)) for s in stop_strings) if i >= 0]
-            if hits:
-                if min(hits) > emitted:
-                    yield text[emitted:min(hits)]
+            text, stopped = _cut(tok.decode(generated), stop_strings)
+            if stopped:
+                if len(text) > emitted:
+                    yield text[emitted:]
                 self.stats.stop_reason = "stop_string"
                 return
             # Hold back an unfinished UTF-8 character and anything that may be the start of a stop string.
@@ -112,51 +138,113 @@ class Generator:
         temperature 0 (or top_k 1) is greedy; a seed makes sampling repeatable."""
         settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
         ids = [int(i) for i in prompt_ids]
-        if not ids:
-            raise ExlError("empty prompt: give at least one token")
-        if max_new_tokens < 1:
-            raise ExlError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-        if len(ids) + max_new_tokens > self.max_seq_len:
-            raise ExlError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed max_seq_len "
-                           f"{self.max_seq_len}; shorten the prompt or raise max_seq_len")
+        self._check([ids], max_new_tokens)
         stop_ids = set(self.model.tokenizer.stop_ids) if stop_ids is None else stop_ids
-        device = self.model.device
-        rng = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.stats = stats = GenerationStats(prompt_tokens=len(ids))
-
         t0 = time.perf_counter()
         logits = self._prefill(ids)
-        seen = torch.tensor([ids], device=device)
-        token = sample(logits[:, -1], settings, seen, rng)  # (1,), on the device
-        pending = _Readback(token)
+        steps = self._steps(logits, torch.tensor([ids], device=self.model.device), self._feed, settings, seed,
+                            max_new_tokens)
         try:
-            while True:
+            for (value,), fed in steps:
                 stats.new_tokens += 1
-                # Feed the token before reading it when another will be wanted, so the GPU runs the next step while
-                # the host reads, checks and yields this one. A stop token fed this way stays in the cache, valid.
-                fed = stats.new_tokens < max_new_tokens
-                if fed:
-                    if settings.repetition_penalty != 1.0:  # the only reader of `seen`
-                        seen = torch.cat([seen, token[:, None]], dim=1)
-                    logits = self._feed(token)
-                    token = sample(logits[:, -1], settings, seen, rng)
-                    pending, value = _Readback(token), pending.value()
-                else:
-                    value = pending.value()
                 if stats.new_tokens == 1:  # prefill time includes the first token's sampling
                     stats.prefill_seconds = time.perf_counter() - t0
                     t0 = time.perf_counter()
-                if fed:
+                if fed:  # a stop token fed this way stays in the cache, valid
                     self.cached_ids.append(value)
                 if value in stop_ids:
                     stats.stop_reason = "eos"
                     return
                 yield value
-                if not fed:
-                    stats.stop_reason = "max_new_tokens"
-                    return
+            stats.stop_reason = "max_new_tokens"
         finally:
             stats.decode_seconds = time.perf_counter() - t0
+
+    def _generate_batch(self, prompts: list[Prompt], max_new_tokens: int = 256, stop: list[str | int] | None = None,
+                        add_bos: bool | None = None, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+                        min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> list[str]:
+        """Prefill the prompts as one padded batch, then decode them together (through the decode graphs, each
+        sequence at its own position) until every one has stopped. Each row gets its own GenerationStats."""
+        settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
+        tok = self.model.tokenizer
+        rows = [tok.encode(p, add_bos=add_bos) if isinstance(p, str) else [int(i) for i in p] for p in prompts]
+        self._check(rows, max_new_tokens)
+        stop_strings, stop_ids = _stops(tok, stop)
+        longest = max(map(len, rows))
+        cache, decode = self._batch_cache(len(rows), longest + max_new_tokens)
+        cache.truncate(0)
+        self.stats = stats = [GenerationStats(prompt_tokens=len(r)) for r in rows]
+        t0 = time.perf_counter()
+        # Rows are padded with their last token: the padding is left out of the cache and adds no new token to
+        # what the repetition penalty sees.
+        ids = torch.tensor([r + r[-1:] * (longest - len(r)) for r in rows])
+        logits = self.model.forward(ids, cache, last_only=True, lengths=[len(r) for r in rows])
+        feed = decode.step if decode is not None else (
+            lambda token: self.model.forward(token.view(-1, 1), cache, last_only=True))
+        out: list[list[int]] = [[] for _ in rows]
+        steps = self._steps(logits, ids.to(self.model.device), feed, settings, seed, max_new_tokens)
+        for n, (values, _) in enumerate(steps):
+            if n == 0:  # prefill time includes the first tokens' sampling
+                prefill = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            for row, value, st in zip(out, values, stats):
+                if st.stop_reason:
+                    continue
+                st.new_tokens += 1
+                if value in stop_ids:
+                    st.stop_reason = "eos"
+                    continue
+                row.append(value)
+                if stop_strings and _cut(tok.decode(row), stop_strings)[1]:
+                    st.stop_reason = "stop_string"
+            if all(st.stop_reason for st in stats):
+                break
+        decode_seconds = time.perf_counter() - t0
+        for st in stats:
+            st.prefill_seconds, st.decode_seconds = prefill, decode_seconds
+            st.stop_reason = st.stop_reason or "max_new_tokens"
+        return [_cut(tok.decode(row), stop_strings)[0] for row in out]
+
+    def _check(self, rows: list[list[int]], max_new_tokens: int):
+        if not rows or not all(rows):
+            raise ExlError("empty prompt: give at least one token")
+        if max_new_tokens < 1:
+            raise ExlError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        longest = max(map(len, rows))
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ExlError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed max_seq_len "
+                           f"{self.max_seq_len}; shorten the prompt or raise max_seq_len")
+
+    def _steps(self, logits: torch.Tensor, seen: torch.Tensor, feed, settings: SamplingSettings, seed: int | None,
+               max_new_tokens: int) -> Iterator[tuple[list[int], bool]]:
+        """From the prompt's logits (B, 1, vocab), yield each step's tokens, one per sequence, and whether they were
+        fed to the model already. Each step's tokens are fed before they are read, when another step will be
+        wanted, so the GPU runs the next step while the host reads, checks and uses these."""
+        device = self.model.device
+        rng = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        token = sample(logits[:, -1], settings, seen, rng)  # (B,), on the device
+        pending = _Readback(token)
+        for n in range(1, max_new_tokens + 1):
+            fed = n < max_new_tokens
+            if fed:
+                if settings.repetition_penalty != 1.0:  # the only reader of `seen`
+                    seen = torch.cat([seen, token[:, None]], dim=1)
+                logits = feed(token)
+                token = sample(logits[:, -1], settings, seen, rng)
+                pending, values = _Readback(token), pending.values()
+            else:
+                values = pending.values()
+            yield values, fed
+
+    def _batch_cache(self, batch: int, tokens: int) -> tuple[KVCache, graphs.DecodeGraphs | None]:
+        """A cache for `batch` sequences of `tokens` (rounded up to a graph bucket, so later batches reuse it and
+        its graphs), and decode graphs over it where the model allows them; the last batch's when it fits."""
+        if self.batch is None or self.batch[0].batch != batch or self.batch[0].max_len < tokens:
+            self.batch = None  # free the old one first
+            cache = self.model.new_cache(batch, min(-(-tokens // graphs.BUCKET) * graphs.BUCKET, self.max_seq_len))
+            self.batch = cache, graphs.DecodeGraphs(self.model, cache) if graphs.supported(self.model) else None
+        return self.batch
 
     def _feed(self, token: torch.Tensor) -> torch.Tensor:
         """Append one token, a (1,) device tensor, to the cache; its (1, 1, vocab) logits."""
@@ -174,9 +262,6 @@ class Generator:
         self.cache.truncate(common)
         self.cached_ids = self.cached_ids[:common]
         self.stats.cached_tokens = common
-        return self._step(ids[common:])
-
-    def _step(self, ids: list[int]) -> torch.Tensor:
-        logits = self.model.forward(torch.tensor([ids]), self.cache, last_only=True)
-        self.cached_ids.extend(ids)
+        logits = self.model.forward(torch.tensor([ids[common:]]), self.cache, last_only=True)
+        self.cached_ids.extend(ids[common:])
         return logits

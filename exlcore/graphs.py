@@ -1,7 +1,7 @@
 """CUDA graphs for single-token decode. One graph per KV-length bucket, replayed with the tokens and their
-position written into static input buffers: a decode step costs one graph launch instead of hundreds of
+positions written into static input buffers: a decode step costs one graph launch instead of hundreds of
 kernel launches, which dominate small-batch decode otherwise. Every sequence of the cache's batch takes one
-token per step, all at the same position (the Generator's batch of one; a batch of equal-length prompts)."""
+token per step, each at its own position (the Generator's batch of one; a batch of prompts of any lengths)."""
 
 import torch
 
@@ -28,6 +28,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.tables = None  # the rope table versions the graphs were captured with
+        self.held: list[int] | None = None  # the positions self.positions holds, as the host last set them
 
     def _check_tables(self):
         """Size the rope tables for the whole cache before any capture, and drop the graphs if something
@@ -47,22 +48,32 @@ class DecodeGraphs:
             raise ExlError(f"{tokens.numel()} tokens for a cache of {self.cache.batch} sequences: give one per "
                            "sequence")
         self.cache.check_room(1)
-        position = self.cache.length
-        kv_len = min(-(-(position + 1) // BUCKET) * BUCKET, self.cache.max_len)
+        lengths = self.cache.lengths
+        kv_len = min(-(-(max(lengths) + 1) // BUCKET) * BUCKET, self.cache.max_len)
         self.ids.copy_(tokens.view(-1, 1))
-        self.positions.fill_(position)
+        self._set_positions(lengths)
         self._check_tables()
         if kv_len not in self.graphs:
             self.graphs[kv_len] = self._capture(kv_len)
         graph, logits = self.graphs[kv_len]
         graph.replay()
-        self.cache.length = position + 1
+        self.cache.lengths = [n + 1 for n in lengths]
         return logits
+
+    def _set_positions(self, lengths: list[int]):
+        """Write each sequence's position without waiting for the GPU: one value for all, or the last step's plus
+        one; other positions (a new batch of prompts of different lengths) are copied from the host."""
+        if len(set(lengths)) == 1:
+            self.positions.fill_(lengths[0])
+        elif self.held is not None and lengths == [n + 1 for n in self.held]:
+            self.positions.add_(1)
+        elif lengths != self.held:
+            self.positions.copy_(torch.tensor(lengths).view(-1, 1))
+        self.held = list(lengths)
 
     def _capture(self, kv_len: int):
         def run():
-            return self.model.run(self.ids, Step(self.positions, self.cache, kv_len, None, self.model.dtype),
-                                  last_only=True)
+            return self.model.run(self.ids, Step(self.positions, self.cache, kv_len, None, self.model.dtype))
 
         # Warm up on a side stream first (lazy cuBLAS setup must not happen during capture). The warm-up
         # writes this token's k/v into its cache slot, the same values the replay writes.

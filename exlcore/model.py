@@ -6,6 +6,7 @@ from torch import nn
 from exlcore.attention import Attention, Step
 from exlcore.cache import KVCache
 from exlcore.config import ModelConfig
+from exlcore.errors import ExlError
 from exlcore.layers import Embedding, Head, RMSNorm
 from exlcore.weights import Weights
 
@@ -68,30 +69,48 @@ class Model(nn.Module):
         load_module(self, w, dtype)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, vocab) float32 logits (B, 1, vocab with last_only). With a cache, the
-        tokens continue from cache.length and are appended to it."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                lengths: list[int] | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab) float32 logits (B, 1, vocab with last_only). With a cache, each
+        sequence continues from its own length and its tokens are appended to it. `lengths` gives each row's real
+        tokens, its first lengths[b] ids: the rest is padding, left out of the cache's lengths (the next tokens
+        overwrite it), and last_only then returns each row's last real token."""
         input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
+        if lengths is not None and (len(lengths) != B or not all(1 <= n <= T for n in lengths)):
+            raise ExlError(f"lengths {lengths} do not fit {B} rows of {T} tokens: give each row's count, 1 to {T}")
+        starts = cache.lengths if cache is not None else [0] * B
         if cache is not None:
             cache.check_room(T)
-        positions = torch.arange(start, start + T, device=self.device).repeat(B, 1)  # contiguous, for kernels
-        logits = self.run(input_ids, Step(positions, cache, start + T, start, self.dtype), last_only)
+        if len(set(starts)) == 1:
+            start = starts[0]
+            positions = torch.arange(start, start + T, device=self.device).repeat(B, 1)  # contiguous, for kernels
+        else:
+            start = None
+            positions = (torch.tensor(starts)[:, None] + torch.arange(T)).to(self.device, non_blocking=True)
+        last = None
+        if last_only:
+            ragged = lengths is not None and len(set(lengths)) > 1
+            last = (torch.tensor(lengths) - 1).to(self.device, non_blocking=True) if ragged else (lengths or [T])[0] - 1
+        logits = self.run(input_ids, Step(positions, cache, max(starts) + T, start, self.dtype), last)
         if cache is not None:
-            cache.length += T
+            cache.lengths = [n + added for n, added in zip(starts, lengths or [T] * B)]
         return logits
 
-    def run(self, input_ids: torch.Tensor, step: Step, last_only: bool = False) -> torch.Tensor:
-        """The forward pass proper. Performs no host synchronisation, so CUDA graphs can capture it."""
+    def run(self, input_ids: torch.Tensor, step: Step, last: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The forward pass proper: logits at every position, or only at position `last`, one for every row or
+        each row's (B,). Performs no host synchronisation, so CUDA graphs can capture it."""
         for rotary in self.rotaries:
             rotary.prepare(step.kv_len, self.device)
         residual = torch.float32 if self.residual_fp32_with_fp16 and self.dtype == torch.float16 else self.dtype
         x, h = self.embed(input_ids).to(residual), None
         for layer in self.layers:
             x, h = layer(x, h, step)
-        if last_only:
-            x, h = x[:, -1:], None if h is None else h[:, -1:]
+        if isinstance(last, int):
+            x, h = x[:, last:last + 1], None if h is None else h[:, last:last + 1]
+        elif last is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            x, h = x[rows, last][:, None], None if h is None else h[rows, last][:, None]
         normed = self.norm(x) if h is None else self.norm.add_forward(x, h)[1]
         return self.head(normed.to(self.dtype))
 

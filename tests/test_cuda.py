@@ -101,6 +101,30 @@ def test_batched_graph_decode_matches_eager(tmp_path, tiny_tokenizer_dir):
         decode.step(tokens)
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_ragged_batch_decodes_through_graphs(name, tmp_path, tiny_tokenizer_dir):
+    """Prompts of different lengths prefill as one padded batch and decode through the graphs, each sequence at
+    its own position (rows in different KV buckets): the eager forwards' logits, and each prompt's own tokens."""
+    make_tiny(name, tmp_path, tiny_tokenizer_dir)
+    model = exlcore.load(tmp_path, device="cuda", dtype=torch.float32)
+    seed = torch.Generator().manual_seed(6)
+    rows = [torch.randint(3, 512, (n,), generator=seed).tolist() for n in (40, 250, 100)]
+    ids, lengths = torch.tensor([r + r[-1:] * (250 - len(r)) for r in rows]), [len(r) for r in rows]
+    graphed, eager = model.new_cache(3, 300), model.new_cache(3, 300)
+    model.forward(ids, graphed, lengths=lengths)
+    logits = model.forward(ids, eager, last_only=True, lengths=lengths)
+    decode = DecodeGraphs(model, graphed)
+    for _ in range(12):  # the longest row from bucket 256 into the next
+        tokens = logits[:, -1].argmax(-1)
+        logits = model.forward(tokens[:, None], eager, last_only=True)
+        torch.testing.assert_close(decode.step(tokens), logits, atol=1e-4, rtol=1e-4)
+    assert graphed.lengths == eager.lengths == [n + 12 for n in lengths]
+    gen = exlcore.Generator(model, max_seq_len=320)
+    alone = [gen.generate(r, max_new_tokens=30, temperature=0) for r in rows]
+    assert gen.generate(rows, max_new_tokens=30, temperature=0) == alone
+    assert gen.batch[1] is not None and sorted(gen.batch[1].graphs) == [256, 320]
+
+
 def test_bench_decodes_batches_through_graphs(tmp_path, tiny_tokenizer_dir, capsys):
     make_tiny("llama", tmp_path, tiny_tokenizer_dir, max_position_embeddings=1024)
     assert main(["bench", "-m", str(tmp_path), "-p", "200", "-n", "100", "-b", "1", "4"]) == 0  # across a bucket

@@ -228,33 +228,34 @@ SHAPES = [(1, 1), (3, 1), (1, 5), (3, 5)]  # (B, T): decode and prefill, one seq
 @pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (4, 1, 256), (3, 3, 64)])
 def test_rotary_cache(ext, dtype, B, T, heads, kv_heads, dim):
     """Rotary on q and k and the KV-cache write in one launch: the same bits as the launches it replaces
-    (rotary_ on q and k, index_copy_ of k and v), and the float64 reference within rounding. The rows of
-    positions differ: each rotates by its own, the slots are row 0's (KVCache.update's rule); every other
-    cache slot is left as it was."""
+    (rotary_ on q and k, KVCache.update's indexed write of k and v), and the float64 reference within rounding.
+    The rows of positions differ: each rotates by its own and writes its own slots; every other cache slot is left
+    as it was."""
     from exlcore.rope import RopeConfig, Rotary, apply_rotary
 
-    S = 300
+    S = 600
     g = torch.Generator().manual_seed(B * 100 + T * 10 + dim)
     rotary = Rotary(RopeConfig(theta=10000.0), dim)
-    rotary.prepare(600, torch.device("cuda"))
-    positions = torch.cat([torch.randperm(S, generator=g)[None, :T], torch.randint(0, 600, (B - 1, T), generator=g)])
+    rotary.prepare(S, torch.device("cuda"))
+    positions = torch.stack([torch.randperm(S, generator=g)[:T] for _ in range(B)])
     q = torch.randn(B, T, heads, dim, generator=g).to(dtype)
     k, v = torch.randn(2, B, T, kv_heads, dim, generator=g).to(dtype)
     caches = torch.randn(2, B, kv_heads, S, dim, generator=g).to(dtype)
     q, k, v, caches, positions = q.cuda(), k.cuda(), v.cuda(), caches.cuda(), positions.cuda()
+    rows = torch.arange(B, device="cuda")[:, None]
 
     q_ref, k_ref, k_cache_ref, v_cache_ref = q.clone(), k.clone(), caches[0].clone(), caches[1].clone()
     ext.rotary_(q_ref, rotary.cos, rotary.sin, positions)
     ext.rotary_(k_ref, rotary.cos, rotary.sin, positions)
-    k_cache_ref.index_copy_(2, positions[0], k_ref.transpose(1, 2))
-    v_cache_ref.index_copy_(2, positions[0], v.transpose(1, 2))
+    k_cache_ref[rows, :, positions] = k_ref
+    v_cache_ref[rows, :, positions] = v
     q_in = q.clone()
     ext.rotary_cache_(q, k, v, rotary.cos, rotary.sin, positions, caches[0], caches[1])
     assert torch.equal(q, q_ref) and torch.equal(caches[0], k_cache_ref) and torch.equal(caches[1], v_cache_ref)
 
     cos, sin = rotary.cos[positions][:, :, None].double(), rotary.sin[positions][:, :, None].double()
     assert rel(q, apply_rotary(q_in.double(), cos, sin)) < TOL[dtype]
-    assert rel(caches[0][:, :, positions[0]], apply_rotary(k.double(), cos, sin).transpose(1, 2)) < TOL[dtype]
+    assert rel(caches[0][rows, :, positions], apply_rotary(k.double(), cos, sin)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -50,7 +50,7 @@ def test_cache_after_a_stop_matches_its_ids(model):
     gen = exlcore.Generator(model, max_seq_len=128)
     ids = list(gen.tokens(prompt, max_new_tokens=20, temperature=0))
     out = list(gen.tokens(prompt, max_new_tokens=20, temperature=0, stop_ids={ids[5]}))
-    assert gen.cache.length == len(gen.cached_ids) == len(prompt) + len(out) + 1
+    assert gen.cache.lengths == [len(gen.cached_ids)] and len(gen.cached_ids) == len(prompt) + len(out) + 1
     follow = prompt + out + [ids[5], 40]
     fresh = list(exlcore.Generator(model, max_seq_len=128).tokens(follow, max_new_tokens=8, temperature=0))
     assert list(gen.tokens(follow, max_new_tokens=8, temperature=0)) == fresh
@@ -108,3 +108,64 @@ def test_forward_past_the_cache_is_refused(model):
 def test_decode_graphs_refuse_a_model_they_cannot_capture(model):
     with pytest.raises(exlcore.ExlError, match="decodes without CUDA graphs .* use model.forward"):
         DecodeGraphs(model, model.new_cache(2, 16))
+
+
+PROMPTS = ["Once upon a time", "The cat sat on the mat and then it", "Hello"]
+
+
+def test_ragged_batch_forward_matches_each_prompt_alone(model):
+    """A batch padded to its longest prompt, with each row's real length, gives each prompt's own logits, and
+    decoding continues each row from its own length."""
+    rows = [model.tokenizer.encode(p) for p in PROMPTS]
+    longest = max(map(len, rows))
+    cache = model.new_cache(3, 32)
+    ids = torch.tensor([r + [0] * (longest - len(r)) for r in rows])
+    logits = model.forward(ids, cache, last_only=True, lengths=[len(r) for r in rows])
+    assert cache.lengths == [len(r) for r in rows]
+    alone = [model.new_cache(1, 32) for _ in rows]
+    expected = [model.forward(torch.tensor([r]), c, last_only=True) for r, c in zip(rows, alone)]
+    for _ in range(4):
+        torch.testing.assert_close(logits, torch.cat(expected), atol=1e-5, rtol=1e-5)
+        tokens = logits[:, -1].argmax(-1)
+        logits = model.forward(tokens[:, None], cache)
+        expected = [model.forward(t.view(1, 1), c) for t, c in zip(tokens, alone)]
+    assert cache.lengths == [len(r) + 4 for r in rows]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.6])
+def test_batch_generation_matches_each_prompt_alone(model, penalty):
+    gen = exlcore.Generator(model, max_seq_len=128)
+    alone, reasons = [], []
+    for p in PROMPTS:
+        alone.append(gen.generate(p, max_new_tokens=24, temperature=0, repetition_penalty=penalty))
+        reasons.append(gen.stats.stop_reason)
+    assert gen.generate(PROMPTS, max_new_tokens=24, temperature=0, repetition_penalty=penalty) == alone
+    assert [s.stop_reason for s in gen.stats] == reasons
+    assert [s.prompt_tokens for s in gen.stats] == [len(model.tokenizer.encode(p)) for p in PROMPTS]
+
+
+def test_batch_stop_strings_end_each_row(model):
+    gen = exlcore.Generator(model, max_seq_len=128)
+    full = gen.generate(PROMPTS, max_new_tokens=30, temperature=0)
+    stop = full[1][6:9]
+    cut = gen.generate(PROMPTS, max_new_tokens=30, temperature=0, stop=[stop])
+    assert cut == [f[:f.index(stop)] if stop in f else f for f in full]
+    assert gen.stats[1].stop_reason == "stop_string"
+
+
+def test_seeded_batch_sampling_repeats(model):
+    gen = exlcore.Generator(model, max_seq_len=128)
+    a, b = (gen.generate(PROMPTS, max_new_tokens=16, temperature=1.0, seed=5) for _ in range(2))
+    assert a == b != gen.generate(PROMPTS, max_new_tokens=16, temperature=1.0, seed=6)
+
+
+def test_bad_batches_are_refused(model):
+    gen = exlcore.Generator(model, max_seq_len=32)
+    with pytest.raises(exlcore.ExlError, match="empty prompt"):
+        gen.generate(["Once", ""])
+    with pytest.raises(exlcore.ExlError, match="exceed max_seq_len 32"):
+        gen.generate(["Once", "Once upon a time"], max_new_tokens=30)
+    with pytest.raises(exlcore.ExlError, match="stream takes one prompt"):
+        list(gen.stream(["Once", "Hello"]))
+    with pytest.raises(exlcore.ExlError, match=r"lengths \[3, 5\] do not fit 2 rows of 4 tokens"):
+        model.forward(torch.ones(2, 4, dtype=torch.long), lengths=[3, 5])

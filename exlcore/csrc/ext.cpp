@@ -205,8 +205,8 @@ void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& si
     });
 }
 
-// Writes q (B, T, H, D), rotated in place, and the caches (B, KVH, S, D): k (B, T, KVH, D) rotated and v at slots
-// positions[0]; positions (B, T) int64.
+// Writes q (B, T, H, D), rotated in place, and the caches (B, KVH, S, D): k (B, T, KVH, D) rotated and v at each
+// sequence's slots positions[b]; positions (B, T) int64.
 void rotary_cache_(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& cos,
                    const torch::Tensor& sin, const torch::Tensor& positions, const torch::Tensor& k_cache,
                    const torch::Tensor& v_cache) {

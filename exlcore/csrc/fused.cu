@@ -160,7 +160,7 @@ __global__ void rotary_cache_kernel(T* __restrict__ q, const T* __restrict__ k, 
     }
     const int kvh = head - H;
     const size_t src = ((size_t)token * KVH + kvh) * D;
-    const size_t dst = (((size_t)(token / len) * KVH + kvh) * S + positions[token % len]) * D;
+    const size_t dst = (((size_t)(token / len) * KVH + kvh) * S + positions[token]) * D;
     rotate(k + src, k_cache + dst, cos + p, sin + p, D / 2);
     for (int i = threadIdx.x; i < D; i += blockDim.x) v_cache[dst + i] = v[src + i];
 }

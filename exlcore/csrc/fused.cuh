@@ -24,7 +24,7 @@ cudaError_t rotary(T* x, const float* cos, const float* sin, const int64_t* posi
 
 // Rotary for q and k and the KV-cache write in one launch, positions (B, len). q (B, len, H, D) is rotated in
 // place as `rotary` does; k (B, len, KVH, D) rotated the same and v copied into the caches (B, KVH, S, D) at
-// slot positions[0][t] for token t (all sequences share the slots); k and v themselves are left as they are.
+// slot positions[b][t] for token t of sequence b; k and v themselves are left as they are.
 template <typename T>
 cudaError_t rotary_cache(T* q, const T* k, const T* v, const float* cos, const float* sin, const int64_t* positions,
                          T* k_cache, T* v_cache, int B, int len, int H, int KVH, int S, int D, cudaStream_t stream);
