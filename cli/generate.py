@@ -1,4 +1,5 @@
-"""`exl generate` (one prompt) and `exl chat` (multi-turn, the model's chat template, streamed)."""
+"""`exl generate` (one prompt, streamed; several, as one batch) and `exl chat` (multi-turn, the model's chat
+template, streamed)."""
 
 import sys
 
@@ -9,7 +10,8 @@ from exlcore.errors import ExlError
 def register(sub):
     p = sub.add_parser("generate", help="continue a prompt")
     add_model_args(p)
-    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-p", "--prompt", required=True, action="append",
+                   help="the prompt; repeat it to generate several prompts as one batch")
     add_sampling_args(p, temperature=0.0)
     p.set_defaults(func=generate)
 
@@ -37,8 +39,17 @@ def _stream(gen, prompt, args, add_bos=None) -> str:
 def generate(args):
     import exlcore
 
-    model = load_model(args)
-    _stream(exlcore.Generator(model, args.max_seq_len), args.prompt, args)
+    gen = exlcore.Generator(load_model(args), args.max_seq_len)
+    if len(args.prompt) == 1:
+        _stream(gen, args.prompt[0], args)
+        return
+    for i, (text, s) in enumerate(zip(gen.generate(args.prompt, **sampling_kwargs(args)), gen.stats)):
+        print(f"--- prompt {i + 1}: {s.prompt_tokens} tokens, {s.new_tokens} new ({s.stop_reason})")
+        print(text)
+    s = gen.stats[0]
+    new = sum(st.new_tokens for st in gen.stats)
+    print(f"[{len(args.prompt)} prompts in {s.prefill_seconds:.2f} s of prefill, {new} new tokens in "
+          f"{s.decode_seconds:.2f} s: {new / max(s.decode_seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
 
 
 def chat(args):

@@ -108,6 +108,20 @@ def test_exl_generate(tmp_path, tiny_tokenizer_dir, capsys):
     assert captured.out == expected + "\n" and "tokens/s" in captured.err
 
 
+def test_exl_generate_batch(tmp_path, tiny_tokenizer_dir, capsys):
+    make_tiny("llama", tmp_path, tiny_tokenizer_dir)
+    model = exlcore.load(tmp_path, device="cpu")
+    prompts = ["Once upon", "The cat sat on the mat"]
+    expected = [exlcore.Generator(model).generate(p, max_new_tokens=10, temperature=0) for p in prompts]
+    args = ["generate", "-m", str(tmp_path), "-p", prompts[0], "-p", prompts[1], "--max-new-tokens", "10"]
+    assert main([*args, "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    blocks = captured.out.split("--- prompt ")[1:]  # "1: N tokens, M new (reason)\n" and the text
+    assert [b.split("\n", 1)[1] for b in blocks] == [e + "\n" for e in expected]
+    assert [b.split(":")[0] for b in blocks] == ["1", "2"]
+    assert "2 prompts" in captured.err and "tokens/s" in captured.err
+
+
 @pytest.mark.parametrize("mode", ["chatml", "gemma", "llama3", "mistral"])
 def test_fallback_templates_keep_every_turn(mode):
     from exlcore import chat, plugins
