@@ -89,9 +89,10 @@ class Model(nn.Module):
             start = None
             positions = (torch.tensor(starts)[:, None] + torch.arange(T)).to(self.device, non_blocking=True)
         last = None
-        if last_only:
-            ragged = lengths is not None and len(set(lengths)) > 1
-            last = (torch.tensor(lengths) - 1).to(self.device, non_blocking=True) if ragged else (lengths or [T])[0] - 1
+        if last_only and lengths is not None and len(set(lengths)) > 1:
+            last = (torch.tensor(lengths) - 1).to(self.device, non_blocking=True)  # each row's own last token
+        elif last_only:
+            last = (lengths or [T])[0] - 1
         logits = self.run(input_ids, Step(positions, cache, max(starts) + T, start, self.dtype), last)
         if cache is not None:
             cache.lengths = [n + added for n, added in zip(starts, lengths or [T] * B)]
