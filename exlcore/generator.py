@@ -143,8 +143,8 @@ class Generator:
         self.stats = stats = GenerationStats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
         logits = self._prefill(ids)
-        steps = self._steps(logits, torch.tensor([ids], device=self.model.device), self._feed, settings, seed,
-                            max_new_tokens)
+        steps = self._steps(logits, torch.tensor([ids], device=self.model.device), self.cache, self.graphs, settings,
+                            seed, max_new_tokens)
         try:
             for (value,), fed in steps:
                 stats.new_tokens += 1
@@ -180,10 +180,8 @@ class Generator:
         # what the repetition penalty sees.
         ids = torch.tensor([r + r[-1:] * (longest - len(r)) for r in rows])
         logits = self.model.forward(ids, cache, last_only=True, lengths=[len(r) for r in rows])
-        feed = decode.step if decode is not None else (
-            lambda token: self.model.forward(token.view(-1, 1), cache, last_only=True))
         out: list[list[int]] = [[] for _ in rows]
-        steps = self._steps(logits, ids.to(self.model.device), feed, settings, seed, max_new_tokens)
+        steps = self._steps(logits, ids.to(self.model.device), cache, decode, settings, seed, max_new_tokens)
         for n, (values, _) in enumerate(steps):
             if n == 0:  # prefill time includes the first tokens' sampling
                 prefill = time.perf_counter() - t0
@@ -216,11 +214,12 @@ class Generator:
             raise ExlError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed max_seq_len "
                            f"{self.max_seq_len}; shorten the prompt or raise max_seq_len")
 
-    def _steps(self, logits: torch.Tensor, seen: torch.Tensor, feed, settings: SamplingSettings, seed: int | None,
-               max_new_tokens: int) -> Iterator[tuple[list[int], bool]]:
-        """From the prompt's logits (B, 1, vocab), yield each step's tokens, one per sequence, and whether they were
-        fed to the model already. Each step's tokens are fed before they are read, when another step will be
-        wanted, so the GPU runs the next step while the host reads, checks and uses these."""
+    def _steps(self, logits: torch.Tensor, seen: torch.Tensor, cache: KVCache, decode: graphs.DecodeGraphs | None,
+               settings: SamplingSettings, seed: int | None, max_new_tokens: int) -> Iterator[tuple[list[int], bool]]:
+        """From the prompt's logits (B, 1, vocab), yield each step's tokens, one per sequence of `cache` (decoded
+        through `decode` when there are graphs), and whether they were fed to the model already. Each step's
+        tokens are fed before they are read, when another step will be wanted, so the GPU runs the next step while
+        the host reads, checks and uses these."""
         device = self.model.device
         rng = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         token = sample(logits[:, -1], settings, seen, rng)  # (B,), on the device
@@ -230,7 +229,7 @@ class Generator:
             if fed:
                 if settings.repetition_penalty != 1.0:  # the only reader of `seen`
                     seen = torch.cat([seen, token[:, None]], dim=1)
-                logits = feed(token)
+                logits = graphs.decode_step(self.model, cache, decode, token)
                 token = sample(logits[:, -1], settings, seen, rng)
                 pending, values = _Readback(token), pending.values()
             else:
@@ -245,12 +244,6 @@ class Generator:
             cache = self.model.new_cache(batch, min(-(-tokens // graphs.BUCKET) * graphs.BUCKET, self.max_seq_len))
             self.batch = cache, graphs.DecodeGraphs(self.model, cache) if graphs.supported(self.model) else None
         return self.batch
-
-    def _feed(self, token: torch.Tensor) -> torch.Tensor:
-        """Append one token, a (1,) device tensor, to the cache; its (1, 1, vocab) logits."""
-        if self.graphs is not None:
-            return self.graphs.step(token)
-        return self.model.forward(token.view(1, 1), self.cache, last_only=True)
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
         # Reuse the cached prefix; always recompute at least the last prompt token to get its logits.

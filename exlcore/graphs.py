@@ -87,3 +87,11 @@ class DecodeGraphs:
             logits = run()
         self.pool = graph.pool()
         return graph, logits
+
+
+def decode_step(model: Model, cache: KVCache, decode: DecodeGraphs | None, tokens: torch.Tensor) -> torch.Tensor:
+    """Append one token per sequence, a (batch,) device tensor, to `cache` and return their (batch, 1, vocab)
+    logits: through `decode`, the decode graphs over that cache, when there are some, else a plain forward."""
+    if decode is not None:
+        return decode.step(tokens)
+    return model.forward(tokens.view(-1, 1), cache, last_only=True)

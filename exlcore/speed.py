@@ -49,15 +49,11 @@ def decode_rate(model: Model, batch: int, prompt: int, steps: int) -> float:
     cache = model.new_cache(batch, prompt + steps)
     ids = _ids(model, batch, prompt).to(model.device)
     tokens = ids[:, 0]
-    if graphs.supported(model):
-        step = graphs.DecodeGraphs(model, cache).step
-    else:
-        def step(tokens):
-            return model.forward(tokens[:, None], cache, last_only=True)
+    graphed = graphs.DecodeGraphs(model, cache) if graphs.supported(model) else None
 
     def decode():
         for _ in range(steps):
-            step(tokens)
+            graphs.decode_step(model, cache, graphed, tokens)
 
     seconds = []
     for _ in range(2):  # the first warms up and captures the graphs
