@@ -47,12 +47,13 @@ def test_matmul_matches_reference(ext, mix, m):
     assert float((got - expected).norm() / expected.norm()) < 2e-3
 
 
-@pytest.mark.parametrize("m", [1, 4, 16])
-@pytest.mark.parametrize("k", [4096, 14336])
+@pytest.mark.parametrize("m", [1, 3, 4, 13, 16])
+@pytest.mark.parametrize("k", [4096, 10240, 14336])
 def test_matmul_split_over_many_slices(ext, k, m):
     """K long enough that each column tile is split over many slices (up to 56: 448 chunks, 8 at least per slice),
-    whose partial sums the last slice in adds up; N = 96 leaves part of a warp's columns past the end. Twice: the
-    second call checks that the slice counters were left at zero."""
+    whose partial sums the last slice in adds up, at M > 1 through groups of slices (the last one shorter at K =
+    10240); N = 96 leaves part of a warp's columns past the end. Twice: the second call checks that the counters were
+    left at zero."""
     lin = random_linear([(b, 128) for b in (6, 5, 4, 3) for _ in range(k // 512)], n=96, seed=k + m)
     kernel = QMatmul.exl2(ext, {s: v.cuda() for s, v in lin.pack().items()}, "layer", k, 96)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()

@@ -41,7 +41,8 @@ QMatrix qmatrix(const std::vector<torch::Tensor>& t) {
     TORCH_CHECK(exl2 ? t[4].dtype() == torch::kHalf : t[3].dtype() == torch::kHalf, "qmatrix: scale dtypes");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t[0].data_ptr()) % 16 == 0 && t[0].size(1) % 8 == 0, "qmatrix: q_weight alignment");
     TORCH_CHECK(t[2].size(0) * 2 <= 65536, "qmatrix: pair_rows holds 16-bit channels, K <= 65536");
-    TORCH_CHECK(t[5].numel() >= (t[0].size(1) + QM_TILE - 1) / QM_TILE, "qmatrix: one counter per column tile");
+    TORCH_CHECK(t[5].numel() >= (1 + QM_MAX_GROUPS) * ((t[0].size(1) + QM_TILE - 1) / QM_TILE),
+                "qmatrix: 1 + QM_MAX_GROUPS counters per column tile");
     return QMatrix{reinterpret_cast<const uint32_t*>(t[0].data_ptr()), reinterpret_cast<const int4*>(t[1].data_ptr()),
                    reinterpret_cast<const uint32_t*>(t[2].data_ptr()),
                    exl2 ? reinterpret_cast<const uint32_t*>(t[3].data_ptr()) : nullptr,

@@ -7,7 +7,8 @@
 // scaled back by an exact fma); the tensor cores sum their products with x in fp32 over a group, and each group's
 // sums are scaled once: a weight is (code - zero) * scale unrounded, where the reference rounds it to fp16.
 // Slices of one warp's columns are summed by the last warp to finish (a counter per warp's columns), in a fixed order,
-// so results do not depend on timing, and the output is written once, in fp16.
+// so results do not depend on timing, and the output is written once, in fp16; at M > 1 with many slices, by groups
+// of slices first.
 #include <algorithm>
 #include <type_traits>
 #include <utility>
@@ -260,6 +261,85 @@ __device__ __forceinline__ void with_layout(int4 ch, F&& f) {
     }
 }
 
+// The slices summed together first, in about sqrt(splits) groups, where one warp would sum more than 64 slice rows
+// (16 KB): at M = 16 the down projection's 33 slices are 8.6 MB, too much for its 64 summing warps. All of them when
+// fewer.
+__device__ __forceinline__ int group_size(int splits, int M) {
+    if (M * splits <= 64) return splits;
+    int groups = 1;
+    while (groups * groups < splits && groups < QM_MAX_GROUPS) groups++;
+    return (splits + groups - 1) / groups;
+}
+
+// Whether the warp is the last of `count` in on `counter` (counter.cuh). Every lane calls it, after storing its
+// partial sums; the last one in sets the counter back to zero when done, for the next launch (CUDA graphs replay the
+// same counters).
+__device__ __forceinline__ bool last_in(int* counter, int count, int lane) {
+    __syncwarp();
+    int done = 0;
+    if (lane == 0) done = count_in(counter);
+    done = __shfl_sync(0xFFFFFFFFu, done, 0);
+    if (done != count - 1) return false;
+    __syncwarp();
+    return true;
+}
+
+// The sum of `count` slices' partial sums (M, N) fp32, slice first + stride * k at partial + (first + stride * k) *
+// M * N, for one warp's columns, into `to`: fp32 (M, N) or the fp16 output (the kernels for M > 1). Every lane takes
+// 4 columns of ITEMS rows and one half of the slices (even or odd, each in slice order), then adds its neighbour's
+// half: a fixed order, whatever the timing. A turn's 8 loads are in flight at once: at M = 16 a lane has 16 rows,
+// which one at a time took as many round trips to L2.
+template <bool FP32, typename T>
+__device__ __forceinline__ void sum_slices(const float* partial, int first, int count, int stride, int M, int N,
+                                           int wtile, int lane, T* to) {
+    constexpr int GROUPS = ROW / 4, ITEMS = 4, BATCH = 2;
+    static_assert(GROUPS * 2 == 32, "a warp's items of one row are its 32 lanes");
+    for (int item = lane; item < M * GROUPS * 2; item += 32 * ITEMS) {  // a multiple of 32: every lane takes each turn
+        const int half = item & 1, m0 = item / 2 / GROUPS, col = wtile * ROW + item / 2 % GROUPS * 4;
+        float4 sum[ITEMS];
+#pragma unroll
+        for (int i = 0; i < ITEMS; i++) sum[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (col < N) {  // N is a multiple of 8: all 4 columns exist
+            const float* p = partial + (size_t)first * M * N + (size_t)m0 * N + col;
+            for (int k0 = half; k0 < count; k0 += 2 * BATCH) {
+                float4 v[ITEMS][BATCH];
+#pragma unroll
+                for (int i = 0; i < ITEMS; i++)
+#pragma unroll
+                    for (int u = 0; u < BATCH; u++) {
+                        const int k = k0 + 2 * u;
+                        const float* at = p + (size_t)(stride * k) * M * N + (size_t)i * N;
+                        v[i][u] = (i == 0 || m0 + i < M) && k < count ? __ldcg(reinterpret_cast<const float4*>(at))
+                                                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+                    }
+#pragma unroll
+                for (int i = 0; i < ITEMS; i++)
+#pragma unroll
+                    for (int u = 0; u < BATCH; u++) {
+                        sum[i].x += v[i][u].x;
+                        sum[i].y += v[i][u].y;
+                        sum[i].z += v[i][u].z;
+                        sum[i].w += v[i][u].w;
+                    }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < ITEMS; i++) {
+            sum[i].x += __shfl_xor_sync(0xFFFFFFFFu, sum[i].x, 1);
+            sum[i].y += __shfl_xor_sync(0xFFFFFFFFu, sum[i].y, 1);
+            sum[i].z += __shfl_xor_sync(0xFFFFFFFFu, sum[i].z, 1);
+            sum[i].w += __shfl_xor_sync(0xFFFFFFFFu, sum[i].w, 1);
+            if (half != 0 || col >= N || (i > 0 && m0 + i >= M)) continue;
+            T* at = to + (size_t)(m0 + i) * N + col;
+            if constexpr (FP32)
+                __stcg(reinterpret_cast<float4*>(at), sum[i]);
+            else
+                *reinterpret_cast<uint2*>(at) = make_uint2(bits_of(__floats2half2_rn(sum[i].x, sum[i].y)),
+                                                           bits_of(__floats2half2_rn(sum[i].z, sum[i].w)));
+        }
+    }
+}
+
 // The decode kernel's sizes for up to MAXM rows of x.
 template <int MAXM>
 struct Shape {
@@ -448,48 +528,59 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     for_outputs([&](int m, int col, float v0, float v1) {
         __stcg(reinterpret_cast<float2*>(partial + ((size_t)split * M + m) * w.N + col), make_float2(v0, v1));
     });
-    __syncwarp();  // count the slice in (counter.cuh)
-    int* counter = w.counters + wtile;
-    int done = 0;
-    if (lane == 0) done = count_in(counter);
-    done = __shfl_sync(0xFFFFFFFFu, done, 0);
-    if (done != splits - 1) return;
-    __syncwarp();
-    // The last slice in sums them all, every lane taking 4 columns of a row and one half of the slices (even or odd,
-    // each in slice order, BATCH loads in flight), then adding its neighbour's half: a fixed order, whatever the
-    // timing, and few round trips to L2 however many slices there are.
-    constexpr int GROUPS = ROW / 4, BATCH = 8;
-    for (int item = lane; item < M * GROUPS * 2; item += 32) {  // a multiple of 32: every lane takes each turn
-        const int half = item & 1, m = item / 2 / GROUPS, col = wtile * ROW + item / 2 % GROUPS * 4;
-        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (col < w.N) {  // N is a multiple of 8: all 4 columns exist
-            const float* p = partial + (size_t)m * w.N + col;  // slice k's at p + k * M * N
-            for (int k0 = half; k0 < splits; k0 += 2 * BATCH) {
-                float4 v[BATCH];
+    // The slices are summed by the last one in (a counter per warp's columns). At M > 1, with many slices, the last
+    // of each group of them first sums its group into the group's first slice, and the last group in sums those.
+    if constexpr (MAXM == 1) {  // sum_slices for one row, written out: its address arithmetic cost 0.8% at batch 1
+        int* counter = w.counters + wtile;
+        if (!last_in(counter, splits, lane)) return;
+        constexpr int GROUPS = ROW / 4, BATCH = 8;
+        for (int item = lane; item < M * GROUPS * 2; item += 32) {  // a multiple of 32: every lane takes each turn
+            const int half = item & 1, m = item / 2 / GROUPS, col = wtile * ROW + item / 2 % GROUPS * 4;
+            float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (col < w.N) {  // N is a multiple of 8: all 4 columns exist
+                const float* p = partial + (size_t)m * w.N + col;  // slice k's at p + k * M * N
+                for (int k0 = half; k0 < splits; k0 += 2 * BATCH) {
+                    float4 v[BATCH];
 #pragma unroll
-                for (int u = 0; u < BATCH; u++) {
-                    const int k = k0 + 2 * u;
-                    v[u] = k < splits ? __ldcg(reinterpret_cast<const float4*>(p + (size_t)k * M * w.N))
-                                      : make_float4(0.f, 0.f, 0.f, 0.f);
-                }
+                    for (int u = 0; u < BATCH; u++) {
+                        const int k = k0 + 2 * u;
+                        v[u] = k < splits ? __ldcg(reinterpret_cast<const float4*>(p + (size_t)k * M * w.N))
+                                          : make_float4(0.f, 0.f, 0.f, 0.f);
+                    }
 #pragma unroll
-                for (int u = 0; u < BATCH; u++) {
-                    sum.x += v[u].x;
-                    sum.y += v[u].y;
-                    sum.z += v[u].z;
-                    sum.w += v[u].w;
+                    for (int u = 0; u < BATCH; u++) {
+                        sum.x += v[u].x;
+                        sum.y += v[u].y;
+                        sum.z += v[u].z;
+                        sum.w += v[u].w;
+                    }
                 }
             }
+            sum.x += __shfl_xor_sync(0xFFFFFFFFu, sum.x, 1);
+            sum.y += __shfl_xor_sync(0xFFFFFFFFu, sum.y, 1);
+            sum.z += __shfl_xor_sync(0xFFFFFFFFu, sum.z, 1);
+            sum.w += __shfl_xor_sync(0xFFFFFFFFu, sum.w, 1);
+            if (half == 0 && col < w.N)
+                *reinterpret_cast<uint2*>(out + (size_t)m * w.N + col) =
+                    make_uint2(bits_of(__floats2half2_rn(sum.x, sum.y)), bits_of(__floats2half2_rn(sum.z, sum.w)));
         }
-        sum.x += __shfl_xor_sync(0xFFFFFFFFu, sum.x, 1);
-        sum.y += __shfl_xor_sync(0xFFFFFFFFu, sum.y, 1);
-        sum.z += __shfl_xor_sync(0xFFFFFFFFu, sum.z, 1);
-        sum.w += __shfl_xor_sync(0xFFFFFFFFu, sum.w, 1);
-        if (half == 0 && col < w.N)
-            *reinterpret_cast<uint2*>(out + (size_t)m * w.N + col) =
-                make_uint2(bits_of(__floats2half2_rn(sum.x, sum.y)), bits_of(__floats2half2_rn(sum.z, sum.w)));
+        if (lane == 0) *counter = 0;
+        return;
     }
-    if (lane == 0) *counter = 0;  // ready for the next launch (CUDA graphs replay the same counters)
+    int total = splits, stride = 1;  // what the last one in sums
+    const int size = group_size(splits, M);
+    if (size < splits) {
+        const int first = split / size * size, n = min(size, splits - first);
+        int* counter = w.counters + (1 + split / size) * ((w.N + QM_TILE - 1) / QM_TILE) + wtile;
+        if (!last_in(counter, n, lane)) return;
+        sum_slices<true>(partial, first, n, 1, M, w.N, wtile, lane, partial + (size_t)first * M * w.N);
+        if (lane == 0) *counter = 0;
+        total = (splits + size - 1) / size;
+        stride = size;
+    }
+    if (!last_in(w.counters + wtile, total, lane)) return;
+    sum_slices<false>(partial, 0, total, stride, M, w.N, wtile, lane, out);
+    if (lane == 0) w.counters[wtile] = 0;
 }
 
 // One chunk's weights for the lane's columns, exactly as the reference: half(code - zero) * scale. Pairs e * 8 +

@@ -8,6 +8,7 @@
 constexpr int QM_MAX_M = 16;      // rows of x the decode kernel takes
 constexpr int QM_TILE = 32;       // columns per tile of the lane order (4 per lane, 4 lanes per column)
 constexpr int QM_MAX_BATCH = 4;   // matrices sharing one input in one launch (q/k/v, gate/up)
+constexpr int QM_MAX_GROUPS = 8;  // groups of slices a matrix's split sums go through first, at most
 
 // One matrix W (N, K) stored as codes in chunks of 32 (or, at the end of an even-width group, 16) rows.
 struct QMatrix {
@@ -18,7 +19,8 @@ struct QMatrix {
     const uint32_t* scale_codes;  // EXL2: (G, N/8) 4-bit scale codes - 1 ...
     const half* scale_max;        // ... and (G,) q_scale_max
     const half2* scale_zero;      // GPTQ instead: (G, N) (scale, 1024 + zero point)
-    int* counters;                // (ceil(N / QM_TILE),) zero: slices finished so far, one per warp's columns
+    int* counters;                // (1 + QM_MAX_GROUPS, ceil(N / QM_TILE)) zero: slices (or groups of them) finished
+                                  // so far, per warp's columns
     int K, N, n_chunks;
 };
 

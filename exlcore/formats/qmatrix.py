@@ -18,6 +18,7 @@ import torch
 from exlcore.formats import exl2, gptq
 
 TILE = 32  # columns of one lane-order tile (QM_TILE in csrc/qmatmul.cuh)
+COUNTERS = 9  # the decode kernel's counters per tile (1 + QM_MAX_GROUPS in csrc/qmatmul.cuh)
 
 
 def tables(bits: list[int], rows: list[int], starts: list[int], perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +94,8 @@ class QMatmul:
 
     def __init__(self, ext, q_weight: torch.Tensor, chunks: torch.Tensor, pair_rows: torch.Tensor,
                  scale_a: torch.Tensor, scale_b: torch.Tensor, out_features: int):
-        # One counter per column tile (csrc/qmatmul.cuh); the kernel leaves them at zero.
-        counters = torch.zeros(-(-q_weight.shape[1] // TILE), dtype=torch.int32, device=q_weight.device)
+        # The decode kernel's counters per column tile (csrc/qmatmul.cuh); it leaves them at zero.
+        counters = torch.zeros(COUNTERS * -(-q_weight.shape[1] // TILE), dtype=torch.int32, device=q_weight.device)
         self.ext, self.out_features = ext, out_features
         self.tensors = [q_weight.contiguous(), chunks, pair_rows, scale_a.contiguous(), scale_b.contiguous(), counters]
 
