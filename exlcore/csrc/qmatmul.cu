@@ -289,7 +289,7 @@ __device__ __forceinline__ bool last_in(int* counter, int count, int lane) {
 // 4 columns of ITEMS rows and one half of the slices (even or odd, each in slice order), then adds its neighbour's
 // half: a fixed order, whatever the timing. A turn's 8 loads are in flight at once: at M = 16 a lane has 16 rows,
 // which one at a time took as many round trips to L2.
-template <bool FP32, typename T>
+template <typename T>
 __device__ __forceinline__ void sum_slices(const float* partial, int first, int count, int stride, int M, int N,
                                            int wtile, int lane, T* to) {
     constexpr int GROUPS = ROW / 4, ITEMS = 4, BATCH = 2;
@@ -331,7 +331,7 @@ __device__ __forceinline__ void sum_slices(const float* partial, int first, int 
             sum[i].w += __shfl_xor_sync(0xFFFFFFFFu, sum[i].w, 1);
             if (half != 0 || col >= N || (i > 0 && m0 + i >= M)) continue;
             T* at = to + (size_t)(m0 + i) * N + col;
-            if constexpr (FP32)
+            if constexpr (std::is_same_v<T, float>)
                 __stcg(reinterpret_cast<float4*>(at), sum[i]);
             else
                 *reinterpret_cast<uint2*>(at) = make_uint2(bits_of(__floats2half2_rn(sum[i].x, sum[i].y)),
@@ -573,13 +573,13 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
         const int first = split / size * size, n = min(size, splits - first);
         int* counter = w.counters + (1 + split / size) * ((w.N + QM_TILE - 1) / QM_TILE) + wtile;
         if (!last_in(counter, n, lane)) return;
-        sum_slices<true>(partial, first, n, 1, M, w.N, wtile, lane, partial + (size_t)first * M * w.N);
+        sum_slices(partial, first, n, 1, M, w.N, wtile, lane, partial + (size_t)first * M * w.N);
         if (lane == 0) *counter = 0;
         total = (splits + size - 1) / size;
         stride = size;
     }
     if (!last_in(w.counters + wtile, total, lane)) return;
-    sum_slices<false>(partial, 0, total, stride, M, w.N, wtile, lane, out);
+    sum_slices(partial, 0, total, stride, M, w.N, wtile, lane, out);
     if (lane == 0) w.counters[wtile] = 0;
 }
 
