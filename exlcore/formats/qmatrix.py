@@ -21,14 +21,40 @@ TILE = 32  # columns of one lane-order tile (QM_TILE in csrc/qmatmul.cuh)
 COUNTERS = 9  # the decode kernel's counters per tile (1 + QM_MAX_GROUPS in csrc/qmatmul.cuh)
 
 
+def balanced(bits: list[int], rows: list[int]) -> list[int]:
+    """The groups in an order where every run of chunks holds about the average words: the decode kernel cuts a
+    matrix into slices of equal chunk counts, and in EXL2's order (widest first) the widest slice of a 5/4/3-bit mix
+    cut 7 ways reads 1.30 times the average (1.09 in this order), of an 8/6/4/3-bit mix 1.73 (1.06). Each step takes,
+    of the next group of each width, the one that keeps the words so far closest to the average's line."""
+    chunks = [-(-r // 32) for r in rows]
+    words = [r * b for r, b in zip(rows, bits)]
+    per_chunk = sum(words) / sum(chunks)
+    pending: dict[int, list[int]] = {}  # width -> its groups, the next last
+    for g in reversed(range(len(bits))):
+        pending.setdefault(bits[g], []).append(g)
+    order, c, w = [], 0, 0
+    while pending:
+        b = min(pending, key=lambda b: (abs(w + words[pending[b][-1]] - per_chunk * (c + chunks[pending[b][-1]])),
+                                        pending[b][-1]))
+        g = pending[b].pop()
+        if not pending[b]:
+            del pending[b]
+        order.append(g)
+        c, w = c + chunks[g], w + words[g]
+    return order
+
+
 def tables(bits: list[int], rows: list[int], starts: list[int], perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """chunks and pair_rows for groups of the given bit widths, row counts and first q_weight rows, with
-    stored row k being input channel perm[k]."""
-    chunks, first = [], 0
-    for group, (b, r, start) in enumerate(zip(bits, rows, starts)):
+    stored row k being input channel perm[k]; the groups in the order of `balanced`, pairs numbered in it."""
+    first_row = torch.tensor([0] + rows).cumsum(0).tolist()  # each group's first stored row
+    chunks, first, stored = [], 0, []
+    for group in balanced(bits, rows):
+        b, r, start = bits[group], rows[group], starts[group]
         chunks += [(start + c0 * b // 32, b | min(32, r - c0) << 8, group, (first + c0) // 2) for c0 in range(0, r, 32)]
         first += r
-    pairs = perm.to(torch.int64).view(-1, 2)
+        stored.append(perm[first_row[group]:first_row[group] + r])
+    pairs = torch.cat(stored).to(torch.int64).view(-1, 2)
     return (torch.tensor(chunks, dtype=torch.int32, device=perm.device),
             exl2.as_int32(pairs[:, 0] | pairs[:, 1] << 16))
 
