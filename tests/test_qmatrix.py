@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from exlcore.formats import exl2, gptq
-from exlcore.formats.qmatrix import TILE, QMatmul
+from exlcore.formats.qmatrix import TILE, QMatmul, balanced
 from test_exl2 import MIXES, random_linear
 from test_gptq import make_gptq
 
@@ -91,3 +91,19 @@ def test_gptq_tables_rebuild_the_weight(act_order, v2, group):
 def test_gptq_groups_that_are_not_whole_chunks_are_left_to_the_reference():
     tensors = make_gptq(256, 64, 8, False, False)[0]  # 8-row groups
     assert QMatmul.gptq(None, tensors, "layer", 256, 64, False) is None
+
+
+@pytest.mark.parametrize("bits, before", [([5] * 8 + [4] * 16 + [3] * 8, 1.25),
+                                          ([8] * 3 + [6] * 6 + [4] * 10 + [3] * 13, 1.6)])
+def test_slices_of_equal_chunk_counts_read_about_equal_bytes(bits, before):
+    """128-row groups cut 7 ways, as the decode kernel cuts gate/up at batch 1: in the groups' own order the widest
+    slice reads `before` times the average words per chunk, in `balanced` order at most 1.1 times."""
+    def widest(order):
+        words = [bits[g] for g in order for _ in range(4)]  # per chunk of 32 rows
+        per = -(-len(words) // 7)
+        slices = [words[i:i + per] for i in range(0, len(words), per)]
+        return max(sum(s) / len(s) for s in slices) / (sum(words) / len(words))
+
+    order = balanced(bits, [128] * len(bits))
+    assert sorted(order) == list(range(len(bits)))
+    assert widest(range(len(bits))) >= before and widest(order) <= 1.1

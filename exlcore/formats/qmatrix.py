@@ -34,11 +34,10 @@ def balanced(bits: list[int], rows: list[int]) -> list[int]:
         pending.setdefault(bits[g], []).append(g)
     order, c, w = [], 0, 0
     while pending:
-        b = min(pending, key=lambda b: (abs(w + words[pending[b][-1]] - per_chunk * (c + chunks[pending[b][-1]])),
-                                        pending[b][-1]))
-        g = pending[b].pop()
-        if not pending[b]:
-            del pending[b]
+        _, g = min((abs(w + words[g] - per_chunk * (c + chunks[g])), g) for g in (q[-1] for q in pending.values()))
+        pending[bits[g]].pop()
+        if not pending[bits[g]]:
+            del pending[bits[g]]
         order.append(g)
         c, w = c + chunks[g], w + words[g]
     return order
