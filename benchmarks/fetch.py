@@ -31,6 +31,14 @@ __device__ __forceinline__ void cp16(unsigned dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
 }
 
+// Lane's 16 bytes of copy k of chunk c: rows of N words (MODE 0, 1: row c * CR + lane / 16 + 2k, the warp's 64
+// columns), or the warp's chunks stored contiguously (MODE 2, 3). Its place in a stage follows the same order.
+template <int MODE, int CR>
+__device__ __forceinline__ const uint32_t* piece(const uint32_t* w, int R, int N, int wtile, int c, int lane, int k) {
+    return MODE <= 1 ? w + (size_t)(c * CR + lane / 16 + 2 * k) * N + wtile * 64 + 4 * (lane % 16)
+                     : w + (size_t)wtile * R * 64 + (size_t)c * CR * 64 + 4 * lane + 128 * k;
+}
+
 // MODE 0 async-rows, 1 ldg-rows, 2 ldg-warp, 3 async-warp. CR rows per chunk (even), `per` chunks per slice.
 template <int MODE, int CR, int DEPTH>
 __global__ void __launch_bounds__(128) fetch(const uint32_t* __restrict__ w, int R, int N, int splits, int per,
@@ -48,11 +56,8 @@ __global__ void __launch_bounds__(128) fetch(const uint32_t* __restrict__ w, int
             if (c < count) {
 #pragma unroll
                 for (int k = 0; k < CR / 2; k++) {
-                    const int row = (c0 + c) * CR + lane / 16 + 2 * k, piece = 4 * (lane % 16);
-                    const uint32_t* src = MODE == 0 ? w + (size_t)row * N + wtile * 64 + piece
-                                                    : w + (size_t)wtile * R * 64 + (size_t)(c0 + c) * CR * 64 + 4 * lane + 128 * k;
-                    const int at = MODE == 0 ? (lane / 16 + 2 * k) * 64 + piece : 4 * lane + 128 * k;
-                    cp16(s0 + (st * STAGE + at) * 4, src);
+                    const int at = MODE == 0 ? (lane / 16 + 2 * k) * 64 + 4 * (lane % 16) : 4 * lane + 128 * k;
+                    cp16(s0 + (st * STAGE + at) * 4, piece<MODE, CR>(w, R, N, wtile, c0 + c, lane, k));
                 }
             }
             asm volatile("cp.async.commit_group;");
@@ -73,10 +78,8 @@ __global__ void __launch_bounds__(128) fetch(const uint32_t* __restrict__ w, int
         auto load = [&](int c, int4 (&b)[CR / 2]) {
 #pragma unroll
             for (int k = 0; k < CR / 2; k++) {
-                const int row = (c0 + c) * CR + lane / 16 + 2 * k, piece = 4 * (lane % 16);
-                const uint32_t* src = MODE == 1 ? w + (size_t)row * N + wtile * 64 + piece
-                                                : w + (size_t)wtile * R * 64 + (size_t)(c0 + c) * CR * 64 + 4 * lane + 128 * k;
-                b[k] = c < count ? ldg16(reinterpret_cast<const int4*>(src)) : make_int4(0, 0, 0, 0);
+                const auto src = reinterpret_cast<const int4*>(piece<MODE, CR>(w, R, N, wtile, c0 + c, lane, k));
+                b[k] = c < count ? ldg16(src) : make_int4(0, 0, 0, 0);
             }
         };
 #pragma unroll
