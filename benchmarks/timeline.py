@@ -1,0 +1,47 @@
+"""Where a stream-kernel launch spends its time: each CUDA block's %globaltimer at six points (entry, its first copy
+issued, after the wait for the kernel before, its first slot landed, the end of its chunk loop, exit), for
+kernels.py's Llama-3-8B shapes at M = 1, the matmul alone (50 launches back to back) and after an RMSNorm (as in a
+decode step). Needs the `clock` probe on top of the stream kernel:
+
+    AB="stream+clock" AB_SCRIPT=benchmarks/timeline.py bash benchmarks/device.sh ab
+
+Each point prints as min / median / max over the launch's blocks, in us from the first block's entry.
+"""
+
+import torch
+
+from exl2 import BODY, HEAD, SHAPE, random_exl2
+from kernels import graph_time
+
+from exlcore.ext import extension
+from exlcore.formats.qmatrix import QMatmul, matmul
+
+POINTS = ["entry", "copy0", "waited", "slot0", "loopend", "exit"]
+
+
+def main():
+    ext = extension()
+    gen = torch.Generator("cuda").manual_seed(0)
+    h, i, d = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["head_dim"]
+    q, kv = SHAPE["num_attention_heads"] * d, SHAPE["num_key_value_heads"] * d
+    groups = {"q/k/v": [(q, h), (kv, h), (kv, h)], "o": [(h, q)], "gate/up": [(i, h), (i, h)], "down": [(h, i)],
+              "head": [(SHAPE["vocab_size"], h)]}
+    for name, shapes in groups.items():
+        mats = [QMatmul.exl2(ext, random_exl2(n, k, HEAD if name == "head" else BODY, gen), "b", k, n)
+                for n, k in shapes]
+        x = torch.randn(1, shapes[0][1], device="cuda", generator=gen).half()
+        norm = torch.ones(shapes[0][1], device="cuda")
+        for mode, fn in (("alone", lambda: matmul(mats, x)),
+                         ("after norm", lambda: matmul(mats, ext.rms_norm(x, norm, 1e-5)))):
+            t = graph_time(fn)
+            c = ext.stream_clock().double()
+            c = c[c[:, 0] > c[:, 0].max() - 2e5]  # the last launch's blocks
+            c[c == 0] = float("nan")  # points a block never reached
+            c = (c - c[:, 0].min()) / 1e3
+            cells = " | ".join(f"{p} {c[:, j].nanquantile(0):.1f}/{c[:, j].nanmedian():.1f}/{c[:, j].nanquantile(1):.1f}"
+                               for j, p in enumerate(POINTS))
+            print(f"| {name} | {mode} | {t * 1e6:.1f} | {len(c)} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
