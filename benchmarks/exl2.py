@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from core import COPY_BANDWIDTH, LLAMA31_ROPE, write_tokenizer
 
 import exlcore
+from exlcore.ext import extension
 from exlcore.speed import decode_rate
 
 SHAPE = dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -201,6 +202,7 @@ def ragged_prompts(folder: Path) -> list[str]:
 
 
 def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: bool = False) -> dict:
+    extension()  # built, or found in its cache, before the clock starts: exllamav2 builds its own at import
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
