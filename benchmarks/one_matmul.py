@@ -1,7 +1,7 @@
 """One of kernels.py's matmul groups at M = 1, five calls: a target for Nsight Compute. For a variant's build:
 
-    AB="stream" AB_SCRIPT="benchmarks/one_matmul.py gate/up" AB_PROFILE="/usr/local/cuda/bin/ncu --kernel-name
-    regex:stream_kernel --launch-skip 3 --launch-count 1 --section SourceCounters -o $OUT/report"
+    AB="headstream+streamall" AB_SCRIPT="benchmarks/one_matmul.py gate/up" AB_PROFILE="/usr/local/cuda/bin/ncu
+    --kernel-name regex:stream_kernel --launch-skip 3 --launch-count 1 --section SourceCounters -o $OUT/report"
     bash benchmarks/device.sh ab
 
 then `ncu -i report.ncu-rep --page source --print-source sass --csv` gives each SASS instruction's count."""

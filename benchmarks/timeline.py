@@ -1,9 +1,9 @@
 """Where a stream-kernel launch spends its time: each CUDA block's %globaltimer at six points (entry, its first copy
 issued, after the wait for the kernel before, its first slot landed, the end of its chunk loop, exit), for
 kernels.py's Llama-3-8B shapes at M = 1, the matmul alone (50 launches back to back) and after an RMSNorm (as in a
-decode step). Needs the `clock` probe on top of the stream kernel:
+decode step). Needs the stream kernel for every matrix and the `clock` probe:
 
-    AB="stream+clock" AB_SCRIPT=benchmarks/timeline.py bash benchmarks/device.sh ab
+    AB="headstream+streamall+clock" AB_SCRIPT=benchmarks/timeline.py bash benchmarks/device.sh ab
 
 Each point prints as min / median / max over the launch's blocks, in us from the first block's entry.
 """
@@ -38,8 +38,8 @@ def main():
             c = c[c[:, 0] > c[:, 0].max() - 2e5]  # the last launch's blocks
             c[c == 0] = float("nan")  # points a block never reached
             c = (c - c[:, 0].min()) / 1e3
-            cells = " | ".join(f"{p} {c[:, j].nanquantile(0):.1f}/{c[:, j].nanmedian():.1f}/{c[:, j].nanquantile(1):.1f}"
-                               for j, p in enumerate(POINTS))
+            cells = " | ".join(f"{p} {col.nanquantile(0):.1f}/{col.nanmedian():.1f}/{col.nanquantile(1):.1f}"
+                               for p, col in zip(POINTS, c.T))
             print(f"| {name} | {mode} | {t * 1e6:.1f} | {len(c)} | {cells} |", flush=True)
 
 
