@@ -20,6 +20,14 @@ from exlcore.rope import RopeConfig, Rotary
 REPEATS = 50
 
 
+def matmul_groups() -> dict[str, list[tuple[int, int]]]:
+    """The decode step's matmul launches for SHAPE, as (N, K) of the matrices each one multiplies."""
+    h, i, d = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["head_dim"]
+    q, kv = SHAPE["num_attention_heads"] * d, SHAPE["num_key_value_heads"] * d
+    return {"q/k/v": [(q, h), (kv, h), (kv, h)], "o": [(h, q)], "gate/up": [(i, h), (i, h)], "down": [(h, i)],
+            "head": [(SHAPE["vocab_size"], h)]}
+
+
 def graph_time(fn) -> float:
     """Seconds per call of fn, replayed from a CUDA graph of REPEATS calls."""
     fn()
@@ -41,17 +49,14 @@ def graph_time(fn) -> float:
 def main():
     ext = extension()
     gen = torch.Generator("cuda").manual_seed(0)
-    h, i, d = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["head_dim"]
-    q, kv = SHAPE["num_attention_heads"] * d, SHAPE["num_key_value_heads"] * d
+    h, d = SHAPE["hidden_size"], SHAPE["head_dim"]
 
     def packed(n, k, option):
         t = random_exl2(n, k, option, gen)
         return QMatmul.exl2(ext, t, "bench", k, n), sum(v.numel() * v.element_size() for v in t.values())
 
-    groups = {"q/k/v": [(q, h), (kv, h), (kv, h)], "o": [(h, q)], "gate/up": [(i, h), (i, h)], "down": [(h, i)],
-              "head": [(SHAPE["vocab_size"], h)]}
     print("| kernel | M | us | GB/s | of 3.0 TB/s |\n|---|---:|---:|---:|---:|")
-    for name, shapes in groups.items():
+    for name, shapes in matmul_groups().items():
         mats = [packed(n, k, HEAD if name == "head" else BODY) for n, k in shapes]
         size = sum(b for _, b in mats)
         for m in (1, 4, 16):

@@ -1,4 +1,5 @@
-"""One of kernels.py's matmul groups at M = 1, five calls: a target for Nsight Compute. For a variant's build:
+"""One of kernels.py's matmul groups (q/k/v, o, gate/up, down, head) at M = 1, five calls: a target for Nsight
+Compute. For a variant's build:
 
     AB="headstream+streamall" AB_SCRIPT="benchmarks/one_matmul.py gate/up" AB_PROFILE="/usr/local/cuda/bin/ncu
     --kernel-name regex:stream_kernel --launch-skip 3 --launch-count 1 --section SourceCounters -o $OUT/report"
@@ -10,7 +11,8 @@ import sys
 
 import torch
 
-from exl2 import BODY, SHAPE, random_exl2
+from exl2 import BODY, HEAD, random_exl2
+from kernels import matmul_groups
 
 from exlcore.ext import extension
 from exlcore.formats.qmatrix import QMatmul, matmul
@@ -19,9 +21,9 @@ from exlcore.formats.qmatrix import QMatmul, matmul
 def main():
     ext = extension()
     gen = torch.Generator("cuda").manual_seed(0)
-    h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
-    shapes = {"gate/up": [(i, h), (i, h)], "down": [(h, i)], "o": [(h, h)]}[sys.argv[1]]
-    mats = [QMatmul.exl2(ext, random_exl2(n, k, BODY, gen), "b", k, n) for n, k in shapes]
+    name = sys.argv[1]
+    shapes = matmul_groups()[name]
+    mats = [QMatmul.exl2(ext, random_exl2(n, k, HEAD if name == "head" else BODY, gen), "b", k, n) for n, k in shapes]
     x = torch.randn(1, shapes[0][1], device="cuda", generator=gen).half()
     for _ in range(5):
         matmul(mats, x)

@@ -10,8 +10,8 @@ Each point prints as min / median / max over the launch's blocks, in us from the
 
 import torch
 
-from exl2 import BODY, HEAD, SHAPE, random_exl2
-from kernels import graph_time
+from exl2 import BODY, HEAD, random_exl2
+from kernels import graph_time, matmul_groups
 
 from exlcore.ext import extension
 from exlcore.formats.qmatrix import QMatmul, matmul
@@ -22,11 +22,7 @@ POINTS = ["entry", "copy0", "waited", "slot0", "loopend", "exit"]
 def main():
     ext = extension()
     gen = torch.Generator("cuda").manual_seed(0)
-    h, i, d = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["head_dim"]
-    q, kv = SHAPE["num_attention_heads"] * d, SHAPE["num_key_value_heads"] * d
-    groups = {"q/k/v": [(q, h), (kv, h), (kv, h)], "o": [(h, q)], "gate/up": [(i, h), (i, h)], "down": [(h, i)],
-              "head": [(SHAPE["vocab_size"], h)]}
-    for name, shapes in groups.items():
+    for name, shapes in matmul_groups().items():
         mats = [QMatmul.exl2(ext, random_exl2(n, k, HEAD if name == "head" else BODY, gen), "b", k, n)
                 for n, k in shapes]
         x = torch.randn(1, shapes[0][1], device="cuda", generator=gen).half()
