@@ -1,4 +1,6 @@
-// Decode attention split over the keys (flash-decoding), with the step's rotary embedding and KV-cache write. A
+// Decode attention split over the keys (flash-decoding), with the step's rotary embedding and KV-cache write, in two
+// kernels: on tensor cores for fp16 and bf16 rows of up to 128 (decode_attention_mma_kernel, below), and this one for
+// the rest (fp32, rows of 256 or of a width not a multiple of 16), with scalar arithmetic. A
 // block takes a run of keys of one KV head for up to DA_GROUP of its query heads, so each key and value row is read
 // once per group, not once per query head:
 //   stage   the block's cached keys and values copied into shared memory (cp.async) before the kernel waits for
@@ -15,6 +17,7 @@
 // at most are not unrolled (unroll 1). Each halving of the code gave 1.5-4% in batch-1 decode.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "attention.cuh"
 #include "convert.cuh"
@@ -64,6 +67,128 @@ __device__ __forceinline__ void copy16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(src));
 }
 
+// The new token, after the wait: q rotated (rounded to T, as a separate rotary would store it) into qs (G, D) as
+// fp32; k rotated and v into the cache by the writer (the first block of each KV head), and to staged(u, d, k, v)
+// for dimension d = threadIdx.x + u THREADS in the block whose keys hold the position. Every load is issued before
+// the first store (indices past the end clamped to the last element), so all take one round trip. q: the block's
+// first head's row; kn, vn: the new key and value; kb, vb: the caches of the KV head.
+template <typename T, int MAX_D, int GROUP, typename Staged>
+__device__ __forceinline__ void new_token(const T* q, const T* kn, const T* vn, T* kb, T* vb, int64_t pos, int G, int D,
+                                          const float* cos_row, const float* sin_row, bool writer, bool staged,
+                                          float* qs, Staged&& stage_row) {
+    constexpr int PER_THREAD = GROUP * MAX_D / THREADS, PER_ROW = (MAX_D + THREADS - 1) / THREADS;
+    const int tid = threadIdx.x;
+    const bool rotary = cos_row != nullptr;
+    Element qe[PER_THREAD], ke[PER_ROW];
+    T ve[PER_ROW];
+#pragma unroll
+    for (int u = 0; u < PER_THREAD; u++) {
+        const int i = min(tid + u * THREADS, G * D - 1);
+        qe[u] = load_element(q + (size_t)(i / D) * D, i % D, D, rotary);
+    }
+    if (writer || staged) {
+#pragma unroll
+        for (int u = 0; u < PER_ROW; u++) {
+            const int d = min(tid + u * THREADS, D - 1);
+            ke[u] = load_element(kn, d, D, rotary);
+            ve[u] = vn[d];
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < PER_THREAD; u++) {
+        const int i = tid + u * THREADS;
+        if (i < G * D) qs[i] = to_float(from_float<T>(rotated(qe[u], i % D, D, cos_row, sin_row)));
+    }
+    if (writer || staged) {
+#pragma unroll
+        for (int u = 0; u < PER_ROW; u++) {
+            const int d = tid + u * THREADS;
+            if (d >= D) break;
+            const T kd = from_float<T>(rotated(ke[u], d, D, cos_row, sin_row)), vd = ve[u];
+            if (writer) {
+                kb[(size_t)pos * D + d] = kd;
+                vb[(size_t)pos * D + d] = vd;
+            }
+            if (staged) stage_row(u, d, kd, vd);
+        }
+    }
+}
+
+// The block's end, given the warps' sums (WARPS, GROUP, D) and per head the max score and sum of exponentials of
+// its keys: partials per (head, split), D sums, then max and sum (rows of D + 4, 16-byte aligned), and the split
+// combine by the last block of the group in; one split writes the output directly. bh0: (b, h0)'s row of q.
+template <typename T, int GROUP>
+__device__ __forceinline__ void finish(const float* sums, const float* top, const float* total, T* out, float* partial,
+                                       int* counters, size_t bh0, int G, int D) {
+    __shared__ bool last;
+    const int tid = threadIdx.x, split = blockIdx.x, splits = gridDim.x;
+    const int row = D + 4;
+#pragma unroll 1
+    for (int i = tid; i < G * D; i += THREADS) {
+        const int g = i / D, d = i % D;
+        float o = 0.f;
+        for (int w = 0; w < WARPS; w++) o += sums[(w * GROUP + g) * D + d];
+        if (splits == 1)
+            out[(bh0 + g) * D + d] = from_float<T>(o / total[g]);
+        else
+            partial[((bh0 + g) * splits + split) * row + d] = o;
+    }
+    if (splits == 1) return;
+    if (tid < G) {
+        float* ml = partial + ((bh0 + tid) * splits + split) * row + D;
+        ml[0] = top[tid];
+        ml[1] = total[tid];
+    }
+    __syncthreads();  // every thread's partials written before thread 0 counts the split in
+    if (tid == 0) last = count_in(counters + blockIdx.y) == splits - 1;
+    __syncthreads();  // in the last split, every thread's loads below after thread 0's acquire
+    if (!last) return;
+
+    // Four dimensions of one head per thread: the splits in order, BATCH splits' loads in flight at once, rescaled
+    // to the largest maximum so far as it grows (a split with no visible key adds nothing). Usually one batch: one
+    // round trip to L2.
+#pragma unroll 1
+    for (int i = tid; i < G * D / 4; i += THREADS) {
+        const int g = i / (D / 4), d = i % (D / 4) * 4;
+        const float* pg = partial + (bh0 + g) * splits * row;
+        float o[4] = {}, top_so_far = -INFINITY, total_so_far = 0.f;
+#pragma unroll 1
+        for (int t0 = 0; t0 < splits; t0 += BATCH) {
+            float4 ot[BATCH];
+            float mt[BATCH], lt[BATCH];
+#pragma unroll
+            for (int u = 0; u < BATCH; u++) {
+                const float* pt = pg + (size_t)(t0 + u) * row;
+                const bool in = t0 + u < splits;
+                ot[u] = in ? __ldcg(reinterpret_cast<const float4*>(pt + d)) : make_float4(0.f, 0.f, 0.f, 0.f);
+                mt[u] = in ? __ldcg(pt + D) : 0.f;
+                lt[u] = in ? __ldcg(pt + D + 1) : 0.f;
+            }
+            float m = top_so_far;
+#pragma unroll
+            for (int u = 0; u < BATCH; u++)
+                if (lt[u] > 0.f) m = fmaxf(m, mt[u]);
+            const float r = top_so_far > -INFINITY ? __expf(top_so_far - m) : 0.f;
+            total_so_far *= r;
+#pragma unroll
+            for (int c = 0; c < 4; c++) o[c] *= r;
+#pragma unroll
+            for (int u = 0; u < BATCH; u++) {
+                const float f = lt[u] > 0.f ? __expf(mt[u] - m) : 0.f;
+                total_so_far += f * lt[u];
+                o[0] += f * ot[u].x;
+                o[1] += f * ot[u].y;
+                o[2] += f * ot[u].z;
+                o[3] += f * ot[u].w;
+            }
+            top_so_far = m;
+        }
+#pragma unroll
+        for (int c = 0; c < 4; c++) out[(bh0 + g) * D + d + c] = from_float<T>(o[c] / total_so_far);
+    }
+    if (tid == 0) counters[blockIdx.y] = 0;  // ready for the next launch (CUDA graphs replay the same counters)
+}
+
 template <typename T, int MAX_D, int GROUP>
 __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     const T* __restrict__ q, const T* __restrict__ k_new, const T* __restrict__ v_new, T* __restrict__ k,
@@ -82,10 +207,9 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     __shared__ float red[WARPS][GROUP];
     __shared__ float top[GROUP], total[GROUP];  // per head: the block's max score and sum of exponentials
     __shared__ float table[2][DA_MAX_D];              // the position's cos and sin rows
-    __shared__ bool last;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int split = blockIdx.x, splits = gridDim.x;
+    const int split = blockIdx.x;
     const int group = H / KVH, slices = (group + GROUP - 1) / GROUP;
     const int b = blockIdx.y / (KVH * slices), kvh = blockIdx.y / slices % KVH, slice = blockIdx.y % slices;
     const int h0 = kvh * group + slice * GROUP, G = min(GROUP, group - slice * GROUP);
@@ -119,51 +243,13 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
 
     dependency_wait();
     dependents_start();
-    // The new token: q rotated (rounded to T, as a separate rotary would store it); k rotated and v into the cache
-    // by the first block of each KV head, and into the stage by the block whose keys hold the position. Every load
-    // is issued before the first store (indices past the end clamped to the last element), so all take one round
-    // trip.
-    constexpr int PER_THREAD = GROUP * MAX_D / THREADS, PER_ROW = (MAX_D + THREADS - 1) / THREADS;
-    const bool rotary = cos_row != nullptr;
-    Element qe[PER_THREAD], ke[PER_ROW];
-    T ve[PER_ROW];
-#pragma unroll
-    for (int u = 0; u < PER_THREAD; u++) {
-        const int i = min(tid + u * THREADS, G * D - 1);
-        qe[u] = load_element(q + ((size_t)b * H + h0 + i / D) * D, i % D, D, rotary);
-    }
     const bool writer = split == 0 && slice == 0, staged = pos >= lo && pos < hi;
-    const T* kn = k_new + ((size_t)b * KVH + kvh) * D;
-    const T* vn = v_new + ((size_t)b * KVH + kvh) * D;
-    if (writer || staged) {
-#pragma unroll
-        for (int u = 0; u < PER_ROW; u++) {
-            const int d = min(tid + u * THREADS, D - 1);
-            ke[u] = load_element(kn, d, D, rotary);
-            ve[u] = vn[d];
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < PER_THREAD; u++) {
-        const int i = tid + u * THREADS;
-        if (i < G * D) qs[i] = to_float(from_float<T>(rotated(qe[u], i % D, D, cos_row, sin_row)));
-    }
-    if (writer || staged) {
-#pragma unroll
-        for (int u = 0; u < PER_ROW; u++) {
-            const int d = tid + u * THREADS;
-            if (d >= D) break;
-            const T kd = from_float<T>(rotated(ke[u], d, D, cos_row, sin_row)), vd = ve[u];
-            if (writer) {
-                kb[(size_t)pos * D + d] = kd;
-                vb[(size_t)pos * D + d] = vd;
-            }
-            if (staged) {
-                ks[(pos - j0) * D + d] = kd;
-                vs[(pos - j0) * D + d] = vd;
-            }
-        }
-    }
+    new_token<T, MAX_D, GROUP>(q + ((size_t)b * H + h0) * D, k_new + ((size_t)b * KVH + kvh) * D,
+                               v_new + ((size_t)b * KVH + kvh) * D, kb, vb, pos, G, D, cos_row, sin_row, writer, staged,
+                               qs, [&](int, int d, T kd, T vd) {
+                                   ks[(pos - j0) * D + d] = kd;
+                                   vs[(pos - j0) * D + d] = vd;
+                               });
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
 
@@ -257,74 +343,256 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
             if (g < G && lane + 32 * i < D) sums[(warp * GROUP + g) * D + lane + 32 * i] = acc[g][i];
     __syncthreads();
 
-    // Partials per (head, split): D sums, then max and sum (rows of D + 4, 16-byte aligned). One split writes the
-    // output directly.
-    const size_t bh0 = (size_t)b * H + h0;
-    const int row = D + 4;
-#pragma unroll 1
-    for (int i = tid; i < G * D; i += THREADS) {
-        const int g = i / D, d = i % D;
-        float o = 0.f;
-        for (int w = 0; w < WARPS; w++) o += sums[(w * GROUP + g) * D + d];
-        if (splits == 1)
-            out[(bh0 + g) * D + d] = from_float<T>(o / total[g]);
-        else
-            partial[((bh0 + g) * splits + split) * row + d] = o;
-    }
-    if (splits == 1) return;
-    if (tid < G) {
-        float* ml = partial + ((bh0 + tid) * splits + split) * row + D;
-        ml[0] = top[tid];
-        ml[1] = total[tid];
-    }
-    __syncthreads();  // every thread's partials written before thread 0 counts the split in
-    if (tid == 0) last = count_in(counters + blockIdx.y) == splits - 1;
-    __syncthreads();  // in the last split, every thread's loads below after thread 0's acquire
-    if (!last) return;
+    finish<T, GROUP>(sums, top, total, out, partial, counters, (size_t)b * H + h0, G, D);
+}
 
-    // Four dimensions of one head per thread: the splits in order, BATCH splits' loads in flight at once, rescaled
-    // to the largest maximum so far as it grows (a split with no visible key adds nothing). Usually one batch: one
-    // round trip to L2.
-#pragma unroll 1
-    for (int i = tid; i < G * D / 4; i += THREADS) {
-        const int g = i / (D / 4), d = i % (D / 4) * 4;
-        const float* pg = partial + (bh0 + g) * splits * row;
-        float o[4] = {}, top_so_far = -INFINITY, total_so_far = 0.f;
-#pragma unroll 1
-        for (int t0 = 0; t0 < splits; t0 += BATCH) {
-            float4 ot[BATCH];
-            float mt[BATCH], lt[BATCH];
-#pragma unroll
-            for (int u = 0; u < BATCH; u++) {
-                const float* pt = pg + (size_t)(t0 + u) * row;
-                const bool in = t0 + u < splits;
-                ot[u] = in ? __ldcg(reinterpret_cast<const float4*>(pt + d)) : make_float4(0.f, 0.f, 0.f, 0.f);
-                mt[u] = in ? __ldcg(pt + D) : 0.f;
-                lt[u] = in ? __ldcg(pt + D + 1) : 0.f;
-            }
-            float m = top_so_far;
-#pragma unroll
-            for (int u = 0; u < BATCH; u++)
-                if (lt[u] > 0.f) m = fmaxf(m, mt[u]);
-            const float r = top_so_far > -INFINITY ? __expf(top_so_far - m) : 0.f;
-            total_so_far *= r;
-#pragma unroll
-            for (int c = 0; c < 4; c++) o[c] *= r;
-#pragma unroll
-            for (int u = 0; u < BATCH; u++) {
-                const float f = lt[u] > 0.f ? __expf(mt[u] - m) : 0.f;
-                total_so_far += f * lt[u];
-                o[0] += f * ot[u].x;
-                o[1] += f * ot[u].y;
-                o[2] += f * ot[u].z;
-                o[3] += f * ot[u].w;
-            }
-            top_so_far = m;
-        }
-#pragma unroll
-        for (int c = 0; c < 4; c++) out[(bh0 + g) * D + d + c] = from_float<T>(o[c] / total_so_far);
+// fp16 and bf16 rows of up to MMA_MAX_D dimensions, in multiples of 16: the same attention with its arithmetic on
+// tensor cores, where the kernel above is bound by issuing its scalar math (about 55 warp instructions per key against
+// 7 here; 2.4 times as fast at 8001 keys, and 1.2 times at 201). The block's keys stream through a ring of tiles of
+// MMA_TILE keys (cp.async, the first `stages` before the wait), each warp taking 16 keys of a tile: scores S = q K^T (mma
+// m16n8k16, the block's heads as rows 0..7 of A, rows 8..15 zero), the warp's running max and sum per head in
+// registers (online softmax), then O += P V with P rounded to T. Ring rows are padded by 8 elements so that ldmatrix
+// reads them without bank conflicts; rows of keys outside the visible run are zero-filled, as a stale row's NaN bits
+// would survive a zero weight. The warps' results meet in shared memory at the end, then finish() as above.
+constexpr int MMA_MAX_D = 128;         // head dimensions it takes at most (its sums: 64 registers a thread)
+constexpr int MMA_TILE = WARPS * 16;   // keys per tile: 16 per warp
+constexpr int MMA_STAGES = 3;          // tiles in the ring at most: two in flight while one is used
+constexpr int MMA_MIN_SPLITS = 4, MMA_SPLITS = 32;  // splits at least (keys allowing) and at most
+constexpr int MMA_BLOCK_KEYS = 128;    // keys per block between the two
+
+// Two floats as T's packed pair (rounded).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+    if constexpr (std::is_same_v<T, half>) {
+        const half2 h = __floats2half2_rn(a, b);
+        return *reinterpret_cast<const uint32_t*>(&h);
+    } else {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+        return *reinterpret_cast<const uint32_t*>(&h);
     }
-    if (tid == 0) counters[blockIdx.y] = 0;  // ready for the next launch (CUDA graphs replay the same counters)
+}
+
+// d += A B: A's rows 0..7 (a0: columns 2t, 2t + 1; a2: 2t + 8, 2t + 9 of row lane / 4), rows 8..15 zero.
+template <typename T>
+__device__ __forceinline__ void mma_rows8(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+    if constexpr (std::is_same_v<T, half>)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory, lanes 8m .. 8m + 7 giving matrix m's row addresses;
+// transposed with TRANS.
+template <bool TRANS>
+__device__ __forceinline__ void load_matrices(uint32_t (&r)[4], const void* row) {
+    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at));
+}
+
+// copy16, or 16 zero bytes when !in (src is then not read).
+__device__ __forceinline__ void copy16_or_zero(void* dst, const void* src, bool in) {
+    const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(to), "l"(src), "r"(in ? 16 : 0));
+}
+
+// Until at most n (0 to 2) of this thread's cp.async commit groups are pending.
+__device__ __forceinline__ void wait_pending(int n) {
+    if (n <= 0) asm volatile("cp.async.wait_group 0;" ::: "memory");
+    else if (n == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
+    else asm volatile("cp.async.wait_group 2;" ::: "memory");
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
+    const T* __restrict__ q, const T* __restrict__ k_new, const T* __restrict__ v_new, T* __restrict__ k,
+    T* __restrict__ v, const float* __restrict__ cos, const float* __restrict__ sin, T* __restrict__ out,
+    const int64_t* __restrict__ positions, int H, int KVH, int S, int D, int kv_len, int block_keys, int stages,
+    int window, float scale, float softcap, float* __restrict__ partial, int* __restrict__ counters) {
+    constexpr int GROUP = DA_GROUP, NT = MMA_MAX_D / 8;  // heads a block takes; n-tiles of 8 dimensions at most
+    // The ring: `stages` tiles of keys then values, (MMA_TILE, D + 8) each; then q (GROUP, D) in fp32; at the end the
+    // warps' sums (WARPS, GROUP, D) over the ring.
+    extern __shared__ int4 smem[];
+    const int pitch = D + 8;
+    T* ring = reinterpret_cast<T*>(smem);
+    float* qs = reinterpret_cast<float*>(ring + (size_t)stages * 2 * MMA_TILE * pitch);
+    float* sums = reinterpret_cast<float*>(smem);
+    __shared__ float top[GROUP], total[GROUP], warp_top[WARPS][GROUP], warp_total[WARPS][GROUP];
+    __shared__ float table[2][DA_MAX_D];  // the position's cos and sin rows
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int split = blockIdx.x;
+    const int group = H / KVH, slices = (group + GROUP - 1) / GROUP;
+    const int b = blockIdx.y / (KVH * slices), kvh = blockIdx.y / slices % KVH, slice = blockIdx.y % slices;
+    const int h0 = kvh * group + slice * GROUP, G = min(GROUP, group - slice * GROUP);
+    const int64_t pos = positions[b];
+    const int end = (int)min((int64_t)kv_len, pos + 1);
+    const int begin = window > 0 ? (int)max((int64_t)0, pos - window + 1) : 0;
+    const int j0 = split * block_keys, lo = max(begin, j0), hi = min(end, j0 + block_keys);
+    const bool writer = split == 0 && slice == 0, staged = pos >= lo && pos < hi;
+    // The tiles that hold visible keys: first_tile .. first_tile + tiles - 1 of the block's run.
+    const int first_tile = lo < hi ? (lo - j0) / MMA_TILE : 0;
+    const int tiles = lo < hi ? (hi - 1 - j0) / MMA_TILE + 1 - first_tile : 0;
+    T* kb = k + ((size_t)b * KVH + kvh) * S * D;
+    T* vb = v + ((size_t)b * KVH + kvh) * S * D;
+    // Tile i into its slot as commit group i (empty past the last tile, so that waits count groups alike): the ring
+    // starts full, and tile i - 1's slot takes tile i - 1 + stages once every warp is past it. The new token's row
+    // comes from registers.
+    const auto stage = [&](int i) {
+        if (i < tiles) {
+            const int base = j0 + (first_tile + i) * MMA_TILE, pieces = D / 8;
+            T* ks = ring + (size_t)(i % stages) * 2 * MMA_TILE * pitch;
+#pragma unroll 1
+            for (int u = tid; u < MMA_TILE * pieces; u += THREADS) {
+                const int r = u / pieces, e = u % pieces * 8, j = base + r;
+                if (j == pos) continue;
+                const bool in = j >= lo && j < hi;
+                const size_t from = (size_t)(in ? j : lo) * D + e;
+                copy16_or_zero(ks + r * pitch + e, kb + from, in);
+                copy16_or_zero(ks + (MMA_TILE + r) * pitch + e, vb + from, in);
+            }
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+#pragma unroll 1
+    for (int i = 0; i < stages; i++) stage(i);
+    const float *cos_row = nullptr, *sin_row = nullptr;
+    if (cos != nullptr) {
+#pragma unroll 1
+        for (int i = tid; i < D; i += THREADS) {
+            table[0][i] = cos[pos * D + i];
+            table[1][i] = sin[pos * D + i];
+        }
+        cos_row = table[0];
+        sin_row = table[1];
+    }
+    __syncthreads();
+
+    dependency_wait();
+    dependents_start();
+    T k_row{}, v_row{};  // the new token's dimension tid, for its tile
+    new_token<T, MMA_MAX_D, GROUP>(q + ((size_t)b * H + h0) * D, k_new + ((size_t)b * KVH + kvh) * D,
+                                   v_new + ((size_t)b * KVH + kvh) * D, kb, vb, pos, G, D, cos_row, sin_row, writer,
+                                   staged, qs, [&](int, int, T kd, T vd) {
+                                       k_row = kd;
+                                       v_row = vd;
+                                   });
+    __syncthreads();
+    uint32_t qa[NT / 2][2];  // q as A fragments, one per 16 dimensions
+#pragma unroll
+    for (int s = 0; s < NT / 2; s++) {
+        const float* row = qs + g * D + 16 * s + 2 * t;
+        const bool in = g < G && 16 * s < D;
+        qa[s][0] = in ? pack2<T>(row[0], row[1]) : 0u;
+        qa[s][1] = in ? pack2<T>(row[8], row[9]) : 0u;
+    }
+
+    // Row g's running max (alike in its four lanes) and this lane's share of its sum; the row's sums, dimensions
+    // 8 nt + 2 t and + 1 in o[nt][0..1] (o[nt][2..3] are zero rows' sums).
+    float o[NT][4] = {}, top_so_far = -INFINITY, total_so_far = 0.f;
+    const int pos_tile = staged ? (int)(pos - j0) / MMA_TILE - first_tile : -1, kw = warp * 16;
+    const int m = lane / 8, r = lane % 8;  // the matrix and row whose address this lane gives to ldmatrix
+#pragma unroll 1
+    for (int i = 0; i < tiles; i++) {
+        const int base = j0 + (first_tile + i) * MMA_TILE;
+        T* ks = ring + (size_t)(i % stages) * 2 * MMA_TILE * pitch;
+        T* vs = ks + MMA_TILE * pitch;
+        wait_pending(i == 0 ? stages - 1 : stages - 2);  // tile i is group i: the last of those in
+        if (i == pos_tile && tid < D) {
+            ks[(pos - base) * pitch + tid] = k_row;
+            vs[(pos - base) * pitch + tid] = v_row;
+        }
+        __syncthreads();  // the tile is in, and every warp is past the tile before (whose slot is refilled next)
+        if (i > 0) stage(i - 1 + stages);
+
+        // Scores of keys kw + 8 nt + 2 t + c: matrices (keys 0..7, dims lo), (0..7, hi), (8..15, lo), (8..15, hi).
+        float s[2][4] = {};
+#pragma unroll
+        for (int u = 0; u < NT / 2; u++) {
+            if (16 * u >= D) break;
+            uint32_t kf[4];
+            load_matrices<false>(kf, ks + (kw + 8 * (m / 2) + r) * pitch + 16 * u + 8 * (m % 2));
+            mma_rows8<T>(s[0], qa[u][0], qa[u][1], kf[0], kf[1]);
+            mma_rows8<T>(s[1], qa[u][0], qa[u][1], kf[2], kf[3]);
+        }
+        float x[2][2], most = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int j = base + kw + 8 * nt + 2 * t + c;
+                float e = s[nt][c] * scale;
+                if (softcap > 0.f) e = tanhf(e / softcap) * softcap;
+                x[nt][c] = j >= lo && j < hi ? e : -INFINITY;
+                most = fmaxf(most, x[nt][c]);
+            }
+        most = fmaxf(most, __shfl_xor_sync(0xFFFFFFFFu, most, 1));
+        most = fmaxf(most, __shfl_xor_sync(0xFFFFFFFFu, most, 2));
+        const float now = fmaxf(top_so_far, most);
+        const float rescale = top_so_far > -INFINITY ? __expf(top_so_far - now) : 0.f;
+        float p[2][2];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) p[nt][c] = x[nt][c] > -INFINITY ? __expf(x[nt][c] - now) : 0.f;
+        total_so_far = total_so_far * rescale + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
+        top_so_far = now;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            o[nt][0] *= rescale;
+            o[nt][1] *= rescale;
+        }
+
+        // Values: P (row g, keys 2t.. in pa0, 2t + 8.. in pa2) times V; matrices (keys 0..7, dims lo), (8..15, lo),
+        // (0..7, hi), (8..15, hi), transposed.
+        const uint32_t pa0 = pack2<T>(p[0][0], p[0][1]), pa2 = pack2<T>(p[1][0], p[1][1]);
+#pragma unroll
+        for (int u = 0; u < NT / 2; u++) {
+            if (16 * u >= D) break;
+            uint32_t vf[4];
+            load_matrices<true>(vf, vs + (kw + 8 * (m % 2) + r) * pitch + 16 * u + 8 * (m / 2));
+            mma_rows8<T>(o[2 * u], pa0, pa2, vf[0], vf[1]);
+            mma_rows8<T>(o[2 * u + 1], pa0, pa2, vf[2], vf[3]);
+        }
+    }
+
+    // The warps' results to one max and sum per head, their sums rescaled to it.
+    total_so_far += __shfl_xor_sync(0xFFFFFFFFu, total_so_far, 1);
+    total_so_far += __shfl_xor_sync(0xFFFFFFFFu, total_so_far, 2);
+    if (t == 0) {
+        warp_top[warp][g] = top_so_far;
+        warp_total[warp][g] = total_so_far;
+    }
+    __syncthreads();  // every warp is past the ring, where the sums go
+    float most = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; w++) most = fmaxf(most, warp_top[w][g]);
+    const float f = top_so_far > -INFINITY ? __expf(top_so_far - most) : 0.f;
+    if (g < G)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            if (8 * nt >= D) break;
+            sums[(warp * GROUP + g) * D + 8 * nt + 2 * t] = o[nt][0] * f;
+            sums[(warp * GROUP + g) * D + 8 * nt + 2 * t + 1] = o[nt][1] * f;
+        }
+    if (warp == 0 && t == 0) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++)
+            if (warp_top[w][g] > -INFINITY) sum += __expf(warp_top[w][g] - most) * warp_total[w][g];
+        top[g] = most;
+        total[g] = sum;
+    }
+    __syncthreads();
+    finish<T, GROUP>(sums, top, total, out, partial, counters, (size_t)b * H + h0, G, D);
 }
 
 // Shared memory for D and block_keys: the staged keys and values, then q, scores and the warps' sums in fp32 (for
@@ -341,8 +609,39 @@ int block_keys_of(int kv_len, int D, int element) {
     return PASS * std::min(most, std::max(MIN_KEYS / PASS, (kv_len + SPLITS * PASS - 1) / (SPLITS * PASS)));
 }
 
+// Whether decode_attention_mma_kernel takes the launch: T fp16 or bf16 (element 2).
+bool mma_takes(int D, int element) { return element == 2 && D % 16 == 0 && D <= MMA_MAX_D; }
+
+// Its keys per block (whole tiles): MMA_BLOCK_KEYS, within MMA_MIN_SPLITS .. MMA_SPLITS splits (measured at 201, 2001
+// and 8001 keys: 4 splits of 64, 16 of 128, 32 of 256); the tiles in its ring; its shared memory: the ring, then q in
+// fp32.
+int mma_block_keys(int kv_len) {
+    const int splits = std::clamp((kv_len + MMA_BLOCK_KEYS - 1) / MMA_BLOCK_KEYS, MMA_MIN_SPLITS, MMA_SPLITS);
+    return MMA_TILE * std::max(1, (kv_len + splits * MMA_TILE - 1) / (splits * MMA_TILE));
+}
+int mma_stages(int kv_len) { return std::min(MMA_STAGES, mma_block_keys(kv_len) / MMA_TILE); }
+size_t mma_shared(int kv_len, int D) {
+    return (size_t)mma_stages(kv_len) * 2 * MMA_TILE * (D + 8) * 2 + (size_t)DA_GROUP * D * 4;
+}
+
 int splits_of(int kv_len, int D, int element) {
-    return (kv_len + block_keys_of(kv_len, D, element) - 1) / block_keys_of(kv_len, D, element);
+    const int keys = mma_takes(D, element) ? mma_block_keys(kv_len) : block_keys_of(kv_len, D, element);
+    return (kv_len + keys - 1) / keys;
+}
+
+// The largest dynamic shared memory `kernel` may take allowed, once per device: all the device has, its static
+// shared memory aside (fp32 rows of 256 take 90 KB, three tiles of the mma kernel 108 KB).
+cudaError_t allow_shared(const void* kernel) {
+    return cudaError_t(once_per_device(kernel, [&] {
+        int device = 0, most = 0;
+        cudaFuncAttributes a{};
+        cudaError_t r = cudaGetDevice(&device);
+        if (r == cudaSuccess) r = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+        if (r == cudaSuccess) r = cudaFuncGetAttributes(&a, kernel);
+        if (r == cudaSuccess)
+            r = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most - (int)a.sharedSizeBytes);
+        return int(r);
+    }));
 }
 
 // The kernel for head size D and `group` query heads per KV head: the smallest GROUP that holds them (see above).
@@ -373,23 +672,20 @@ cudaError_t decode_attention(const T* q, const T* k_new, const T* v_new, T* k, T
                              const float* sin, T* out, const int64_t* positions, int B, int H, int KVH, int S, int D,
                              int kv_len, int window, float scale, float softcap, float* workspace, int* counters,
                              cudaStream_t stream) {
-    const int element = sizeof(T), block_keys = block_keys_of(kv_len, D, element);
+    const int element = sizeof(T);
     const dim3 grid(splits_of(kv_len, D, element), decode_attention_counters(B, H, KVH));
+    if constexpr (!std::is_same_v<T, float>) {
+        if (mma_takes(D, element)) {
+            auto kernel = decode_attention_mma_kernel<T>;
+            if (const cudaError_t e = allow_shared(reinterpret_cast<const void*>(kernel)); e != cudaSuccess) return e;
+            return launch(kernel, grid, THREADS, mma_shared(kv_len, D), stream, q, k_new, v_new, k, v, cos, sin, out,
+                          positions, H, KVH, S, D, kv_len, mma_block_keys(kv_len), mma_stages(kv_len), window, scale,
+                          softcap, workspace, counters);
+        }
+    }
+    const int block_keys = block_keys_of(kv_len, D, element);
     auto kernel = kernel_for<T>(D, H / KVH);
-    // Allowed all the device has (its static shared memory aside): within SHARED_BYTES but for the 32 keys a block
-    // takes at least, which fp32 rows of 256 exceed (1 KB a row).
-    const int e = once_per_device(reinterpret_cast<const void*>(kernel), [&] {
-        int device = 0, most = 0;
-        cudaFuncAttributes a{};
-        cudaError_t r = cudaGetDevice(&device);
-        if (r == cudaSuccess) r = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-        if (r == cudaSuccess) r = cudaFuncGetAttributes(&a, kernel);
-        if (r == cudaSuccess)
-            r = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     most - (int)a.sharedSizeBytes);
-        return int(r);
-    });
-    if (e != cudaSuccess) return cudaError_t(e);
+    if (const cudaError_t e = allow_shared(reinterpret_cast<const void*>(kernel)); e != cudaSuccess) return e;
     return launch(kernel, grid, THREADS, shared_of(D, block_keys, element), stream, q, k_new, v_new, k, v, cos, sin,
                   out, positions, H, KVH, S, D, kv_len, block_keys, window, scale, softcap, workspace, counters);
 }
