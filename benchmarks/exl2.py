@@ -10,6 +10,8 @@ the head at 6 bits as exllamav2's default -hb 6 makes it). Both libraries load t
            with a KV cache. exlcore batch 1 runs through its Generator, batch 4 and 16 through
            exlcore.speed.decode_rate (`exl bench`): the same CUDA graphs, one token per sequence. exllamav2 runs plain
            forward loops (it has no graphs), with EXLLAMA_NO_SDPA=1 (its SDPA fallback drops the causal mask).
+  long     batch-1 decode tokens/s after an 8000-token prompt (the same loops as decode): attention over a long
+           cache in every step.
   prefill  tokens/s of one 2048-token forward into an empty cache (exllamav2: its matmul attention, no
            flash-attn here; exlcore: torch SDPA).
   ragged   generated tokens/s over the whole call (prefill included) of 16 text prompts of about 100 to 720 tokens, 128
@@ -188,6 +190,7 @@ def torch_read(model) -> tuple[float, int]:
 
 
 RAGGED, RAGGED_IDS, RAGGED_ROOM = 16, 512, 1024  # prompts; the most ids drawn for one; cache room for a prompt
+LONG = 8000  # the long-context decode's prompt tokens
 
 
 def ragged_prompts(folder: Path) -> list[str]:
@@ -220,7 +223,10 @@ def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: b
         r[f"decode_{batch}"] = decode_rate(model, batch, 128, steps)
     x = torch.randint(0, vocab, (1, prefill), generator=gen).cuda()
     r["prefill"] = prefill / timed(lambda: model.forward(x, model.new_cache(1, prefill), last_only=True))
-    r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9  # before the ragged batch's larger cache
+    r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9  # before the long and ragged runs' larger caches
+    g = exlcore.Generator(model, max_seq_len=LONG + steps + 8)
+    r["decode_long"] = decode_rates(g, torch.randint(0, vocab, (LONG,), generator=gen).tolist(), steps, 1)[0]
+    del g
     prompts = ragged_prompts(folder)
     g = exlcore.Generator(model, max_seq_len=RAGGED_ROOM + steps)
     r["ragged"] = len(prompts) * steps / timed(lambda: g.generate(prompts, max_new_tokens=steps, temperature=0), 1)
@@ -244,20 +250,7 @@ def bench_exllamav2(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
     r = {"load_s": time.perf_counter() - t0}
     gen = torch.Generator().manual_seed(1)
     for batch in (1, 4, 16):
-        cache = ExLlamaV2Cache(model, batch_size=batch, max_seq_len=128 + steps + 8)
-        ids = torch.randint(0, vocab, (batch, 128), generator=gen)
-
-        def prefill_only():
-            cache.current_seq_len = 0
-            model.forward(ids, cache, last_id_only=True)
-
-        def run():
-            prefill_only()
-            for _ in range(steps):
-                model.forward(ids[:, :1], cache, last_id_only=True)
-
-        r[f"decode_{batch}"] = steps / (timed(run, 1) - timed(prefill_only, 1))
-        del cache
+        r[f"decode_{batch}"] = exllamav2_decode(model, torch.randint(0, vocab, (batch, 128), generator=gen), steps)
     cache = ExLlamaV2Cache(model, max_seq_len=prefill)
     x = torch.randint(0, vocab, (1, prefill), generator=gen)
 
@@ -275,7 +268,33 @@ def bench_exllamav2(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
     r["ragged"] = len(prompts) * steps / timed(
         lambda: generator.generate_simple(prompts, ExLlamaV2Sampler.Settings.greedy(), steps, stop_token=None), 1)
     model.unload()
+    # The long prompt with a model loaded for its length: exllamav2 sizes buffers by max_seq_len at load, which
+    # would otherwise count in the peak above.
+    config.max_seq_len = LONG + steps + 8
+    model = ExLlamaV2(config)
+    model.load()
+    r["decode_long"] = exllamav2_decode(model, torch.randint(0, vocab, (1, LONG), generator=gen), steps)
+    model.unload()
     return r
+
+
+def exllamav2_decode(model, ids: torch.Tensor, steps: int) -> float:
+    """exllamav2's decode tokens/s per sequence: the prompts `ids` into a new cache, then `steps` single-token forwards,
+    less the prompt's time."""
+    from exllamav2 import ExLlamaV2Cache
+
+    cache = ExLlamaV2Cache(model, batch_size=ids.shape[0], max_seq_len=ids.shape[1] + steps + 8)
+
+    def prefill_only():
+        cache.current_seq_len = 0
+        model.forward(ids, cache, last_id_only=True)
+
+    def run():
+        prefill_only()
+        for _ in range(steps):
+            model.forward(ids[:, :1], cache, last_id_only=True)
+
+    return steps / (timed(run, 1) - timed(prefill_only, 1))
 
 
 def main():
@@ -299,12 +318,12 @@ def main():
         rows["exllamav2"] = bench_exllamav2(folder, shape["vocab_size"], steps, prefill)
         print("exllamav2", rows["exllamav2"], flush=True)
     lines = ["| library | load s | peak GB | prefill tok/s | decode b1 tok/s | b1 GB/s | of 3.0 TB/s | b4 tok/s | b16 tok/s "
-             "| ragged 16 tok/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| b1 after {LONG} tok/s | ragged 16 tok/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         gbps = weight_bytes * r["decode_1"] / 1e9
         lines.append(f"| {name} | {r['load_s']:.1f} | {r['peak_gb']:.2f} | {r['prefill']:,.0f} | {r['decode_1']:.1f} | "
                      f"{gbps:.0f} | {gbps * 1e9 / COPY_BANDWIDTH:.1%} | {r['decode_4']:.1f} | {r['decode_16']:.1f} | "
-                     f"{r['ragged']:,.0f} |")
+                     f"{r['decode_long']:.1f} | {r['ragged']:,.0f} |")
     ours = rows["exlcore"]
     lines.append(f"\nexlcore generating the ragged prompts one after another: {ours['ragged_alone']:,.0f} tok/s.")
     lines.append(f"\nThe step's q_weight tensors ({ours['torch_read_bytes'] / 1e9:.2f} GB) read by one torch.sum each "
