@@ -3,7 +3,8 @@ time goes, and how close each quantized matmul comes to the bandwidth bound.
 
     python benchmarks/kernels.py
 
-Each kernel is captured 50 times into a CUDA graph and the graph replayed, so launch gaps are as in decode.
+Each kernel is captured 50 times into a CUDA graph and the graph replayed, so launch gaps are as in decode. Decode
+attention runs for these heads and for Gemma 2's (16 heads of 256 over 8 KV heads).
 GB/s counts the packed tensors each matmul reads (codes, scales, tables) and the visible keys and values
 attention reads; the bound is the 3.0 TB/s copy bandwidth.
 """
@@ -63,20 +64,22 @@ def main():
             x = torch.randn(m, shapes[0][1], device="cuda", generator=gen).half()
             t = graph_time(lambda: matmul([mm for mm, _ in mats], x))
             print(f"| {name} | {m} | {t * 1e6:.1f} | {size / t / 1e9:.0f} | {size / t / COPY_BANDWIDTH:.0%} |", flush=True)
-    heads, kv_heads = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"]
-    counters = torch.zeros(heads, dtype=torch.int32, device="cuda")
-    for kv_len, position in ((256, 200), (2048, 2000), (8192, 8000)):
-        qh = torch.randn(1, heads, d, device="cuda").half()
-        kv_new = torch.randn(2, 1, kv_heads, d, device="cuda").half()
-        cache = torch.randn(2, 1, kv_heads, kv_len, d, device="cuda").half()
-        rotary = Rotary(RopeConfig(theta=500000.0), d)
-        rotary.prepare(kv_len, torch.device("cuda"))
-        pos = torch.tensor([position], device="cuda")
-        t = graph_time(lambda: ext.decode_attention(qh, kv_new[0], kv_new[1], cache[0], cache[1], rotary.cos,
-                                                    rotary.sin, pos, kv_len, 0, d**-0.5, 0.0, counters))
-        size = 2 * kv_heads * (position + 1) * d * 2  # the visible keys and values, fp16
-        print(f"| decode attention, {position + 1} keys | 1 | {t * 1e6:.1f} | {size / t / 1e9:.0f} | "
-              f"{size / t / COPY_BANDWIDTH:.0%} |")
+    # Attention of this shape's heads, and of Gemma 2's (16 heads of 256 over 8 KV heads).
+    counters = torch.zeros(32, dtype=torch.int32, device="cuda")
+    shapes = ((SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], d, ""), (16, 8, 256, ", heads of 256"))
+    for heads, kv_heads, dim, label in shapes:
+        for kv_len, position in ((256, 200), (2048, 2000), (8192, 8000)):
+            qh = torch.randn(1, heads, dim, device="cuda").half()
+            kv_new = torch.randn(2, 1, kv_heads, dim, device="cuda").half()
+            cache = torch.randn(2, 1, kv_heads, kv_len, dim, device="cuda").half()
+            rotary = Rotary(RopeConfig(theta=500000.0), dim)
+            rotary.prepare(kv_len, torch.device("cuda"))
+            pos = torch.tensor([position], device="cuda")
+            t = graph_time(lambda: ext.decode_attention(qh, kv_new[0], kv_new[1], cache[0], cache[1], rotary.cos,
+                                                        rotary.sin, pos, kv_len, 0, dim**-0.5, 0.0, counters))
+            size = 2 * kv_heads * (position + 1) * dim * 2  # the visible keys and values, fp16
+            print(f"| decode attention, {position + 1} keys{label} | 1 | {t * 1e6:.1f} | {size / t / 1e9:.0f} | "
+                  f"{size / t / COPY_BANDWIDTH:.0%} |")
     x = torch.randn(1, 1, h, device="cuda").half()
     w = torch.ones(h, device="cuda")
     print(f"| rms_norm | 1 | {graph_time(lambda: ext.rms_norm(x, w, 1e-5)) * 1e6:.1f} | | |")

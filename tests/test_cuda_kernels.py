@@ -318,18 +318,18 @@ def test_act_mul(ext, dtype, act):
     (4, 4, 64, 0, 0.0, 256), (8, 2, 128, 0, 0.0, 1000), (9, 3, 64, 7, 0.0, 256), (4, 2, 256, 0, 20.0, 1000),
     (8, 1, 128, 300, 0.0, 1000), (24, 2, 80, 0, 0.0, 100), (4, 2, 64, 0, 0.0, 32), (8, 2, 128, 5, 0.0, 17),
     (4, 4, 64, 0, 0.0, 1), (8, 2, 128, 0, 0.0, 5000), (8, 2, 128, 3000, 0.0, 20000), (4, 4, 128, 0, 0.0, 1024),
-    (9, 3, 64, 0, 20.0, 1500), (24, 2, 80, 0, 0.0, 2000), (4, 2, 256, 0, 0.0, 3000),
+    (9, 3, 64, 0, 20.0, 1500), (24, 2, 80, 0, 0.0, 2000), (4, 2, 256, 0, 0.0, 3000), (8, 2, 72, 0, 0.0, 600),
 ])
 @pytest.mark.parametrize("rotary", [True, False], ids=["rotary", "no-rotary"])
 def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap, kv_len, rotary):
     """The new token's q and k rotated and its k and v written to the caches at its position (the same bits as
     rotary_ and a copy; nothing else in the caches changes), then attention split over keys, with splits that see no
     key, windows that cross splits, and 1, 2, 3, 4, 8 and 12 query heads per KV head (each size the scalar kernel is
-    unrolled for, one short of it, and over 8, taken in slices). fp32 and rows of 256 take the scalar kernel, in
-    blocks of 64 keys and more (32 for rows of 256, all that shared memory holds; kv_len within one block: one block,
-    which writes the output itself); fp16 and bf16 rows of up to 128 the tensor-core one, in blocks of 64-key tiles
-    (4 to 32 splits; 20000 keys: 10 tiles through a ring of 3, a window across them). Twice: the kernel must leave
-    its counters at zero."""
+    unrolled for, one short of it, and over 8, taken in slices). fp32, fp16 rows of 72 and rows of 256 under 1024
+    keys take the scalar kernel, in blocks of 64 keys and more (32 for rows of 256, all that shared memory holds;
+    kv_len within one block: one block, which writes the output itself); other fp16 and bf16 rows the tensor-core
+    one, in blocks of 64-key tiles (4 to 32 splits; 20000 keys: 10 tiles through a ring of 3, a window across them).
+    Twice: the kernel must leave its counters at zero."""
     from exlcore.attention import explicit_attention
     from exlcore.rope import RopeConfig, Rotary
 

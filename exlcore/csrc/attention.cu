@@ -1,6 +1,6 @@
 // Decode attention split over the keys (flash-decoding), with the step's rotary embedding and KV-cache write, in two
-// kernels: on tensor cores for fp16 and bf16 rows of up to 128 (decode_attention_mma_kernel, below), and this one for
-// the rest (fp32, rows of 256 or of a width not a multiple of 16), with scalar arithmetic. A
+// kernels: on tensor cores for fp16 and bf16 rows of up to 128 in multiples of 16, and of 256 from MMA_WIDE_FROM
+// keys (decode_attention_mma_kernel, below), and this one for the rest (fp32, other widths), with scalar arithmetic. A
 // block takes a run of keys of one KV head for up to DA_GROUP of its query heads, so each key and value row is read
 // once per group, not once per query head:
 //   stage   the block's cached keys and values copied into shared memory (cp.async) before the kernel waits for
@@ -346,19 +346,20 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     finish<T, GROUP>(sums, top, total, out, partial, counters, (size_t)b * H + h0, G, D);
 }
 
-// fp16 and bf16 rows of up to MMA_MAX_D dimensions, in multiples of 16: the same attention with its arithmetic on
+// fp16 and bf16 rows of up to DA_MAX_D dimensions, in multiples of 16: the same attention with its arithmetic on
 // tensor cores, where the kernel above is bound by issuing its scalar math (about 55 warp instructions per key against
-// 7 here; 2.4 times as fast at 8001 keys, and 1.2 times at 201). The block's keys stream through a ring of tiles of
+// 7 here; at rows of 128, 2.1 times as fast at 8001 keys and 1.2 times at 201; at rows of 256, 2.1 times at 8001
+// keys, but 0.8 times at 201, hence MMA_WIDE_FROM). The block's keys stream through a ring of tiles of
 // MMA_TILE keys (cp.async, the first `stages` before the wait), each warp taking 16 keys of a tile: scores S = q K^T (mma
 // m16n8k16, the block's heads as rows 0..7 of A, rows 8..15 zero), the warp's running max and sum per head in
 // registers (online softmax), then O += P V with P rounded to T. Ring rows are padded by 8 elements so that ldmatrix
 // reads them without bank conflicts; rows of keys outside the visible run are zero-filled, as a stale row's NaN bits
 // would survive a zero weight. The warps' results meet in shared memory at the end, then finish() as above.
-constexpr int MMA_MAX_D = 128;         // head dimensions it takes at most (its sums: 64 registers a thread)
 constexpr int MMA_TILE = WARPS * 16;   // keys per tile: 16 per warp
 constexpr int MMA_STAGES = 3;          // tiles in the ring at most: two in flight while one is used
 constexpr int MMA_MIN_SPLITS = 4, MMA_SPLITS = 32;  // splits at least (keys allowing) and at most
 constexpr int MMA_BLOCK_KEYS = 128;    // keys per block between the two
+constexpr int MMA_WIDE_FROM = 1024;    // kv_len from which rows over 128 take this kernel
 
 // Two floats as T's packed pair (rounded).
 template <typename T>
@@ -411,13 +412,14 @@ __device__ __forceinline__ void wait_pending(int n) {
     else asm volatile("cp.async.wait_group 2;" ::: "memory");
 }
 
-template <typename T>
+// MAX_D: 128 or 256, the most dimensions the registers hold (the sums: MAX_D / 2 a thread; 155 and 255 registers).
+template <typename T, int MAX_D>
 __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     const T* __restrict__ q, const T* __restrict__ k_new, const T* __restrict__ v_new, T* __restrict__ k,
     T* __restrict__ v, const float* __restrict__ cos, const float* __restrict__ sin, T* __restrict__ out,
     const int64_t* __restrict__ positions, int H, int KVH, int S, int D, int kv_len, int block_keys, int stages,
     int window, float scale, float softcap, float* __restrict__ partial, int* __restrict__ counters) {
-    constexpr int GROUP = DA_GROUP, NT = MMA_MAX_D / 8;  // heads a block takes; n-tiles of 8 dimensions at most
+    constexpr int GROUP = DA_GROUP, NT = MAX_D / 8;  // heads a block takes; n-tiles of 8 dimensions at most
     // The ring: `stages` tiles of keys then values, (MMA_TILE, D + 8) each; then q (GROUP, D) in fp32; at the end the
     // warps' sums (WARPS, GROUP, D) over the ring.
     extern __shared__ int4 smem[];
@@ -478,12 +480,13 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
 
     dependency_wait();
     dependents_start();
-    T k_row{}, v_row{};  // the new token's dimension tid, for its tile
-    new_token<T, MMA_MAX_D, GROUP>(q + ((size_t)b * H + h0) * D, k_new + ((size_t)b * KVH + kvh) * D,
+    constexpr int PER_ROW = (MAX_D + THREADS - 1) / THREADS;
+    T k_row[PER_ROW], v_row[PER_ROW];  // the new token's dimensions tid + u THREADS, for its tile
+    new_token<T, MAX_D, GROUP>(q + ((size_t)b * H + h0) * D, k_new + ((size_t)b * KVH + kvh) * D,
                                    v_new + ((size_t)b * KVH + kvh) * D, kb, vb, pos, G, D, cos_row, sin_row, writer,
-                                   staged, qs, [&](int, int, T kd, T vd) {
-                                       k_row = kd;
-                                       v_row = vd;
+                                   staged, qs, [&](int u, int, T kd, T vd) {
+                                       k_row[u] = kd;
+                                       v_row[u] = vd;
                                    });
     __syncthreads();
     uint32_t qa[NT / 2][2];  // q as A fragments, one per 16 dimensions
@@ -506,10 +509,14 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
         T* ks = ring + (size_t)(i % stages) * 2 * MMA_TILE * pitch;
         T* vs = ks + MMA_TILE * pitch;
         wait_pending(i == 0 ? stages - 1 : stages - 2);  // tile i is group i: the last of those in
-        if (i == pos_tile && tid < D) {
-            ks[(pos - base) * pitch + tid] = k_row;
-            vs[(pos - base) * pitch + tid] = v_row;
-        }
+        if (i == pos_tile)
+#pragma unroll
+            for (int u = 0; u < PER_ROW; u++) {
+                const int d = tid + u * THREADS;
+                if (d >= D) break;
+                ks[(pos - base) * pitch + d] = k_row[u];
+                vs[(pos - base) * pitch + d] = v_row[u];
+            }
         __syncthreads();  // the tile is in, and every warp is past the tile before (whose slot is refilled next)
         if (i > 0) stage(i - 1 + stages);
 
@@ -610,7 +617,9 @@ int block_keys_of(int kv_len, int D, int element) {
 }
 
 // Whether decode_attention_mma_kernel takes the launch: T fp16 or bf16 (element 2).
-bool mma_takes(int D, int element) { return element == 2 && D % 16 == 0 && D <= MMA_MAX_D; }
+bool mma_takes(int kv_len, int D, int element) {
+    return element == 2 && D % 16 == 0 && (D <= 128 || (D <= DA_MAX_D && kv_len >= MMA_WIDE_FROM));
+}
 
 // Its keys per block (whole tiles): MMA_BLOCK_KEYS, within MMA_MIN_SPLITS .. MMA_SPLITS splits (measured at 201, 2001
 // and 8001 keys: 4 splits of 64, 16 of 128, 32 of 256); the tiles in its ring; its shared memory: the ring, then q in
@@ -625,12 +634,12 @@ size_t mma_shared(int kv_len, int D) {
 }
 
 int splits_of(int kv_len, int D, int element) {
-    const int keys = mma_takes(D, element) ? mma_block_keys(kv_len) : block_keys_of(kv_len, D, element);
+    const int keys = mma_takes(kv_len, D, element) ? mma_block_keys(kv_len) : block_keys_of(kv_len, D, element);
     return (kv_len + keys - 1) / keys;
 }
 
 // The largest dynamic shared memory `kernel` may take allowed, once per device: all the device has, its static
-// shared memory aside (fp32 rows of 256 take 90 KB, three tiles of the mma kernel 108 KB).
+// shared memory aside (fp32 rows of 256 take 90 KB, three tiles of the mma kernel 108 KB, at rows of 256 211 KB).
 cudaError_t allow_shared(const void* kernel) {
     return cudaError_t(once_per_device(kernel, [&] {
         int device = 0, most = 0;
@@ -675,8 +684,8 @@ cudaError_t decode_attention(const T* q, const T* k_new, const T* v_new, T* k, T
     const int element = sizeof(T);
     const dim3 grid(splits_of(kv_len, D, element), decode_attention_counters(B, H, KVH));
     if constexpr (!std::is_same_v<T, float>) {
-        if (mma_takes(D, element)) {
-            auto kernel = decode_attention_mma_kernel<T>;
+        if (mma_takes(kv_len, D, element)) {
+            auto kernel = D <= 128 ? decode_attention_mma_kernel<T, 128> : decode_attention_mma_kernel<T, DA_MAX_D>;
             if (const cudaError_t e = allow_shared(reinterpret_cast<const void*>(kernel)); e != cudaSuccess) return e;
             return launch(kernel, grid, THREADS, mma_shared(kv_len, D), stream, q, k_new, v_new, k, v, cos, sin, out,
                           positions, H, KVH, S, D, kv_len, mma_block_keys(kv_len), mma_stages(kv_len), window, scale,
