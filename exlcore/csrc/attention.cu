@@ -67,24 +67,71 @@ __device__ __forceinline__ void copy16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(src));
 }
 
-// The new token, after the wait: q rotated (rounded to T, as a separate rotary would store it) into qs (G, D) as
-// fp32; k rotated and v into the cache by the writer (the first block of each KV head), and to staged(u, d, k, v)
-// for dimension d = threadIdx.x + u THREADS in the block whose keys hold the position. Every load is issued before
-// the first store (indices past the end clamped to the last element), so all take one round trip. q: the block's
-// first head's row; kn, vn: the new key and value; kb, vb: the caches of the KV head.
+// A block's job in the launch (blockIdx.y: batch row, KV head and slice of GROUP heads; blockIdx.x: split): query
+// heads h0 .. h0 + G - 1 of batch row b over KV head kvh, at position pos, and the keys j0 .. j0 + block_keys - 1,
+// of which lo .. hi - 1 are visible. The writer puts the new key and value in the cache; the block whose keys hold
+// the position stages them itself.
+struct Job {
+    int b, kvh, h0, G, j0, lo, hi;
+    int64_t pos;
+    bool writer, staged;
+};
+
+template <int GROUP>
+__device__ __forceinline__ Job job_of(const int64_t* positions, int H, int KVH, int kv_len, int block_keys,
+                                        int window) {
+    Job p;
+    const int group = H / KVH, slices = (group + GROUP - 1) / GROUP, slice = blockIdx.y % slices;
+    p.b = blockIdx.y / (KVH * slices);
+    p.kvh = blockIdx.y / slices % KVH;
+    p.h0 = p.kvh * group + slice * GROUP;
+    p.G = min(GROUP, group - slice * GROUP);
+    // Positions are written before the step's first kernel, the cache rows before the new one by earlier steps.
+    p.pos = positions[p.b];
+    const int end = (int)min((int64_t)kv_len, p.pos + 1);
+    const int begin = window > 0 ? (int)max((int64_t)0, p.pos - window + 1) : 0;
+    p.j0 = blockIdx.x * block_keys;
+    p.lo = max(begin, p.j0);
+    p.hi = min(end, p.j0 + block_keys);
+    p.writer = blockIdx.x == 0 && slice == 0;
+    p.staged = p.pos >= p.lo && p.pos < p.hi;
+    return p;
+}
+
+// The position's rows of the rotary tables into table, by the block's threads; whether there are tables.
+__device__ __forceinline__ bool rotary_rows(const float* cos, const float* sin, int64_t pos, int D,
+                                            float (&table)[2][DA_MAX_D]) {
+    if (cos == nullptr) return false;
+#pragma unroll 1
+    for (int i = threadIdx.x; i < D; i += THREADS) {
+        table[0][i] = cos[pos * D + i];
+        table[1][i] = sin[pos * D + i];
+    }
+    return true;
+}
+
+// The new token, after the wait: q rotated by the table rows (none: not rotated) and rounded to T (as a separate
+// rotary would store it) into qs (G, D) as fp32; k rotated and v into the cache by the writer, and to stage_row(u, d,
+// k, v) for dimension d = threadIdx.x + u THREADS in the block that stages them. Every load is issued before the first
+// store (indices past the end clamped to the last element), so all take one round trip. kb, vb: the caches of the
+// job's KV head.
 template <typename T, int MAX_D, int GROUP, typename Staged>
-__device__ __forceinline__ void new_token(const T* q, const T* kn, const T* vn, T* kb, T* vb, int64_t pos, int G, int D,
-                                          const float* cos_row, const float* sin_row, bool writer, bool staged,
-                                          float* qs, Staged&& stage_row) {
+__device__ __forceinline__ void new_token(const T* q, const T* k_new, const T* v_new, T* kb, T* vb, const Job& job,
+                                          int H, int KVH, int D, const float (*table)[DA_MAX_D], float* qs,
+                                          Staged&& stage_row) {
     constexpr int PER_THREAD = GROUP * MAX_D / THREADS, PER_ROW = (MAX_D + THREADS - 1) / THREADS;
-    const int tid = threadIdx.x;
-    const bool rotary = cos_row != nullptr;
+    const int tid = threadIdx.x, G = job.G;
+    const T *qb = q + ((size_t)job.b * H + job.h0) * D, *kn = k_new + ((size_t)job.b * KVH + job.kvh) * D;
+    const T* vn = v_new + ((size_t)job.b * KVH + job.kvh) * D;
+    const int64_t pos = job.pos;
+    const bool rotary = table != nullptr, writer = job.writer, staged = job.staged;
+    const float *cos_row = rotary ? table[0] : nullptr, *sin_row = rotary ? table[1] : nullptr;
     Element qe[PER_THREAD], ke[PER_ROW];
     T ve[PER_ROW];
 #pragma unroll
     for (int u = 0; u < PER_THREAD; u++) {
         const int i = min(tid + u * THREADS, G * D - 1);
-        qe[u] = load_element(q + (size_t)(i / D) * D, i % D, D, rotary);
+        qe[u] = load_element(qb + (size_t)(i / D) * D, i % D, D, rotary);
     }
     if (writer || staged) {
 #pragma unroll
@@ -209,46 +256,28 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
     __shared__ float table[2][DA_MAX_D];              // the position's cos and sin rows
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int split = blockIdx.x;
-    const int group = H / KVH, slices = (group + GROUP - 1) / GROUP;
-    const int b = blockIdx.y / (KVH * slices), kvh = blockIdx.y / slices % KVH, slice = blockIdx.y % slices;
-    const int h0 = kvh * group + slice * GROUP, G = min(GROUP, group - slice * GROUP);
-    // Positions are written before the step's first kernel, the cache rows before the new one by earlier steps.
-    const int64_t pos = positions[b];
-    const int end = (int)min((int64_t)kv_len, pos + 1);
-    const int begin = window > 0 ? (int)max((int64_t)0, pos - window + 1) : 0;
-    const int j0 = split * block_keys, lo = max(begin, j0), hi = min(end, j0 + block_keys);
-    T* kb = k + ((size_t)b * KVH + kvh) * S * D;
-    T* vb = v + ((size_t)b * KVH + kvh) * S * D;
+    const Job job = job_of<GROUP>(positions, H, KVH, kv_len, block_keys, window);
+    const int G = job.G, j0 = job.j0, lo = job.lo, hi = job.hi;
+    T* kb = k + ((size_t)job.b * KVH + job.kvh) * S * D;
+    T* vb = v + ((size_t)job.b * KVH + job.kvh) * S * D;
     const int pieces = D / E;
 #pragma unroll 1
     for (int i = tid; i < (hi - lo) * pieces; i += THREADS) {
         const int j = lo + i / pieces, e = i % pieces * E;
-        if (j == pos) continue;
+        if (j == job.pos) continue;
         copy16(ks + (j - j0) * D + e, kb + (size_t)j * D + e);
         copy16(vs + (j - j0) * D + e, vb + (size_t)j * D + e);
     }
     asm volatile("cp.async.commit_group;");
-    const float *cos_row = nullptr, *sin_row = nullptr;
-    if (cos != nullptr) {
-#pragma unroll 1
-        for (int i = tid; i < D; i += THREADS) {
-            table[0][i] = cos[pos * D + i];
-            table[1][i] = sin[pos * D + i];
-        }
-        cos_row = table[0];
-        sin_row = table[1];
-    }
+    const bool rotary = rotary_rows(cos, sin, job.pos, D, table);
     __syncthreads();
 
     dependency_wait();
     dependents_start();
-    const bool writer = split == 0 && slice == 0, staged = pos >= lo && pos < hi;
-    new_token<T, MAX_D, GROUP>(q + ((size_t)b * H + h0) * D, k_new + ((size_t)b * KVH + kvh) * D,
-                               v_new + ((size_t)b * KVH + kvh) * D, kb, vb, pos, G, D, cos_row, sin_row, writer, staged,
-                               qs, [&](int, int d, T kd, T vd) {
-                                   ks[(pos - j0) * D + d] = kd;
-                                   vs[(pos - j0) * D + d] = vd;
+    new_token<T, MAX_D, GROUP>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
+                               [&](int, int d, T kd, T vd) {
+                                   ks[(job.pos - j0) * D + d] = kd;
+                                   vs[(job.pos - j0) * D + d] = vd;
                                });
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
@@ -343,14 +372,14 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(
             if (g < G && lane + 32 * i < D) sums[(warp * GROUP + g) * D + lane + 32 * i] = acc[g][i];
     __syncthreads();
 
-    finish<T, GROUP>(sums, top, total, out, partial, counters, (size_t)b * H + h0, G, D);
+    finish<T, GROUP>(sums, top, total, out, partial, counters, (size_t)job.b * H + job.h0, G, D);
 }
 
 // fp16 and bf16 rows of up to DA_MAX_D dimensions, in multiples of 16: the same attention with its arithmetic on
 // tensor cores, where the kernel above is bound by issuing its scalar math (about 55 warp instructions per key against
 // 7 here; at rows of 128, 2.1 times as fast at 8001 keys and 1.2 times at 201; at rows of 256, 2.1 times at 8001
-// keys, but 0.8 times at 201, hence MMA_WIDE_FROM). The block's keys stream through a ring of tiles of
-// MMA_TILE keys (cp.async, the first `stages` before the wait), each warp taking 16 keys of a tile: scores S = q K^T (mma
+// keys, but 0.8 times at 201, hence MMA_WIDE_FROM). The block's keys stream through a ring of tiles of MMA_TILE
+// keys (cp.async, the first `stages` before the wait), each warp taking 16 keys of a tile: scores S = q K^T (mma
 // m16n8k16, the block's heads as rows 0..7 of A, rows 8..15 zero), the warp's running max and sum per head in
 // registers (online softmax), then O += P V with P rounded to T. Ring rows are padded by 8 elements so that ldmatrix
 // reads them without bank conflicts; rows of keys outside the visible run are zero-filled, as a stale row's NaN bits
@@ -431,20 +460,14 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     __shared__ float table[2][DA_MAX_D];  // the position's cos and sin rows
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-    const int split = blockIdx.x;
-    const int group = H / KVH, slices = (group + GROUP - 1) / GROUP;
-    const int b = blockIdx.y / (KVH * slices), kvh = blockIdx.y / slices % KVH, slice = blockIdx.y % slices;
-    const int h0 = kvh * group + slice * GROUP, G = min(GROUP, group - slice * GROUP);
-    const int64_t pos = positions[b];
-    const int end = (int)min((int64_t)kv_len, pos + 1);
-    const int begin = window > 0 ? (int)max((int64_t)0, pos - window + 1) : 0;
-    const int j0 = split * block_keys, lo = max(begin, j0), hi = min(end, j0 + block_keys);
-    const bool writer = split == 0 && slice == 0, staged = pos >= lo && pos < hi;
+    const Job job = job_of<GROUP>(positions, H, KVH, kv_len, block_keys, window);
+    const int G = job.G, j0 = job.j0, lo = job.lo, hi = job.hi;
+    const int64_t pos = job.pos;
     // The tiles that hold visible keys: first_tile .. first_tile + tiles - 1 of the block's run.
     const int first_tile = lo < hi ? (lo - j0) / MMA_TILE : 0;
     const int tiles = lo < hi ? (hi - 1 - j0) / MMA_TILE + 1 - first_tile : 0;
-    T* kb = k + ((size_t)b * KVH + kvh) * S * D;
-    T* vb = v + ((size_t)b * KVH + kvh) * S * D;
+    T* kb = k + ((size_t)job.b * KVH + job.kvh) * S * D;
+    T* vb = v + ((size_t)job.b * KVH + job.kvh) * S * D;
     // Tile i into its slot as commit group i (empty past the last tile, so that waits count groups alike): the ring
     // starts full, and tile i - 1's slot takes tile i - 1 + stages once every warp is past it. The new token's row
     // comes from registers.
@@ -466,42 +489,34 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     };
 #pragma unroll 1
     for (int i = 0; i < stages; i++) stage(i);
-    const float *cos_row = nullptr, *sin_row = nullptr;
-    if (cos != nullptr) {
-#pragma unroll 1
-        for (int i = tid; i < D; i += THREADS) {
-            table[0][i] = cos[pos * D + i];
-            table[1][i] = sin[pos * D + i];
-        }
-        cos_row = table[0];
-        sin_row = table[1];
-    }
+    const bool rotary = rotary_rows(cos, sin, pos, D, table);
     __syncthreads();
 
     dependency_wait();
     dependents_start();
     constexpr int PER_ROW = (MAX_D + THREADS - 1) / THREADS;
     T k_row[PER_ROW], v_row[PER_ROW];  // the new token's dimensions tid + u THREADS, for its tile
-    new_token<T, MAX_D, GROUP>(q + ((size_t)b * H + h0) * D, k_new + ((size_t)b * KVH + kvh) * D,
-                                   v_new + ((size_t)b * KVH + kvh) * D, kb, vb, pos, G, D, cos_row, sin_row, writer,
-                                   staged, qs, [&](int u, int, T kd, T vd) {
-                                       k_row[u] = kd;
-                                       v_row[u] = vd;
-                                   });
+    new_token<T, MAX_D, GROUP>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
+                               [&](int u, int, T kd, T vd) {
+                                   k_row[u] = kd;
+                                   v_row[u] = vd;
+                               });
     __syncthreads();
     uint32_t qa[NT / 2][2];  // q as A fragments, one per 16 dimensions
 #pragma unroll
     for (int s = 0; s < NT / 2; s++) {
-        const float* row = qs + g * D + 16 * s + 2 * t;
-        const bool in = g < G && 16 * s < D;
-        qa[s][0] = in ? pack2<T>(row[0], row[1]) : 0u;
-        qa[s][1] = in ? pack2<T>(row[8], row[9]) : 0u;
+        qa[s][0] = qa[s][1] = 0u;
+        if (g < G && 16 * s < D) {
+            const float* row = qs + g * D + 16 * s + 2 * t;
+            qa[s][0] = pack2<T>(row[0], row[1]);
+            qa[s][1] = pack2<T>(row[8], row[9]);
+        }
     }
 
     // Row g's running max (alike in its four lanes) and this lane's share of its sum; the row's sums, dimensions
     // 8 nt + 2 t and + 1 in o[nt][0..1] (o[nt][2..3] are zero rows' sums).
     float o[NT][4] = {}, top_so_far = -INFINITY, total_so_far = 0.f;
-    const int pos_tile = staged ? (int)(pos - j0) / MMA_TILE - first_tile : -1, kw = warp * 16;
+    const int pos_tile = job.staged ? (int)(pos - j0) / MMA_TILE - first_tile : -1, kw = warp * 16;
     const int m = lane / 8, r = lane % 8;  // the matrix and row whose address this lane gives to ldmatrix
 #pragma unroll 1
     for (int i = 0; i < tiles; i++) {
@@ -599,7 +614,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
         total[g] = sum;
     }
     __syncthreads();
-    finish<T, GROUP>(sums, top, total, out, partial, counters, (size_t)b * H + h0, G, D);
+    finish<T, GROUP>(sums, top, total, out, partial, counters, (size_t)job.b * H + job.h0, G, D);
 }
 
 // Shared memory for D and block_keys: the staged keys and values, then q, scores and the warps' sums in fp32 (for
@@ -648,7 +663,8 @@ cudaError_t allow_shared(const void* kernel) {
         if (r == cudaSuccess) r = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
         if (r == cudaSuccess) r = cudaFuncGetAttributes(&a, kernel);
         if (r == cudaSuccess)
-            r = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most - (int)a.sharedSizeBytes);
+            r = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     most - (int)a.sharedSizeBytes);
         return int(r);
     }));
 }
