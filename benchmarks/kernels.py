@@ -66,8 +66,8 @@ def main():
             print(f"| {name} | {m} | {t * 1e6:.1f} | {size / t / 1e9:.0f} | {size / t / COPY_BANDWIDTH:.0%} |", flush=True)
     # Attention of this shape's heads, and of Gemma 2's (16 heads of 256 over 8 KV heads).
     counters = torch.zeros(32, dtype=torch.int32, device="cuda")
-    shapes = ((SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], d, ""), (16, 8, 256, ", heads of 256"))
-    for heads, kv_heads, dim, label in shapes:
+    heads_of = ((SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], d, ""), (16, 8, 256, ", heads of 256"))
+    for heads, kv_heads, dim, label in heads_of:
         for kv_len, position in ((256, 200), (2048, 2000), (8192, 8000)):
             qh = torch.randn(1, heads, dim, device="cuda").half()
             kv_new = torch.randn(2, 1, kv_heads, dim, device="cuda").half()
