@@ -37,7 +37,7 @@ fi
 for turn in 1 2; do
   for v in "${variants[@]}"; do py "$v" benchmarks/decode.py "$HOME/bench" "${AB_ROUNDS:-4}" "$v" 2>&1 | tail -1; done
 done
-for v in "${variants[@]}"; do echo "== $v"; py "$v" benchmarks/kernels.py 2>&1 | tail -16; done
+for v in "${variants[@]}"; do echo "== $v"; py "$v" benchmarks/kernels.py 2>&1 | tail -24; done
 if [ -n "${AB_TESTS:-}" ]; then
   for v in "${variants[@]}"; do
     [ "$v" = main ] || { echo "== tests $v"; py "$v" -m pytest -q -m cuda tests -k "$AB_TESTS" 2>&1 | tail -4; }

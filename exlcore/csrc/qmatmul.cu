@@ -26,6 +26,9 @@ constexpr int MAX_WORDS = 8;       // words per lane and chunk at most (32 rows 
 constexpr int HALVES = 2;          // column tiles (QM_TILE, the lane order's unit) per warp
 constexpr int ROW = HALVES * QM_TILE;  // words of a chunk row a warp reads: its columns' words, in lane order
 constexpr int STAGE = MAX_WORDS * ROW;  // words of a chunk's stage in shared memory
+// A warp's chunks in shared memory, all but one in flight. Three at every M: at M = 16 two (one in flight) fit four
+// blocks per SM, three fit three, and batch 16 decodes 9.5% faster with three.
+constexpr int STAGES = 3;
 constexpr uint32_t MAGIC = 0x64006400u;  // two fp16 1024.0: a code in the low mantissa bits reads 1024 + code
 
 struct Plan {
@@ -344,7 +347,6 @@ __device__ __forceinline__ void sum_slices(const float* partial, int first, int 
 template <int MAXM>
 struct Shape {
     static constexpr int NT = (MAXM + 7) / 8;  // n-tiles of 8 rows of x
-    static constexpr int STAGES = MAXM <= 4 ? 3 : 2;  // chunks in shared memory, all but one in flight
     static constexpr int CHUNKS = 32;          // chunks per slice at most
     static constexpr int XS = CHUNKS * 16;     // pairs of x per row of x
     static constexpr int XS_STRIDE = XS + 4;   // rows of x 4 banks apart: 8 rows' pair t (a B fragment) hit 32 banks
@@ -363,7 +365,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     // starts fetching while the one before them still streams.
     dependents_start();
     using Sh = Shape<MAXM>;
-    constexpr int NT = Sh::NT, STAGES = Sh::STAGES, XS = Sh::XS, XS_STRIDE = Sh::XS_STRIDE, THREADS = WARPS * 32;
+    constexpr int NT = Sh::NT, XS = Sh::XS, XS_STRIDE = Sh::XS_STRIDE, THREADS = WARPS * 32;
     extern __shared__ int4 shared[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     if (blockIdx.x >= b.plan.first_block[b.count]) return;
