@@ -5,7 +5,8 @@ WORK once): the figures benchmarks/ab.sh compares kernel variants by.
 
 Each round decodes 128 tokens after a new 128-token prompt through the Generator (CUDA graphs), as exl2.py's
 batch-1 figure, after a round that captures the graphs; then batch 4 and 16 once each, per sequence, as exl2.py's
-(exlcore.speed.decode_rate). ROUNDS 0 only writes the model.
+(exlcore.speed.decode_rate). ROUNDS 0 only writes the model; -1 prints where a batch-1 step's GPU time goes instead
+(exl2.py's profile), e.g. per variant with AB_SCRIPT="benchmarks/decode.py $HOME/bench -1".
 """
 
 import statistics
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from exl2 import SHAPE, decode_rates, write_model
+from exl2 import SHAPE, decode_profile, decode_rates, write_model
 
 import exlcore
 from exlcore.speed import decode_rate
@@ -30,6 +31,9 @@ def main():
     model = exlcore.load(folder, device="cuda", dtype=torch.float16)
     g = exlcore.Generator(model, max_seq_len=128 + 128 + 8)
     prompt = torch.randint(0, SHAPE["vocab_size"], (128,), generator=torch.Generator().manual_seed(1)).tolist()
+    if rounds < 0:
+        print(decode_profile(g, prompt), flush=True)
+        return
     rates = decode_rates(g, prompt, 128, rounds)
     del g
     batched = " ".join(f"b{b} {decode_rate(model, b, 128, 128):.1f}" for b in (4, 16))
