@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from exlcore.cli.options import add_model_args, load_model
+from exlcore.cli.options import add_cache_bits_arg, add_model_args, load_model
 from exlcore.errors import ExlError
 
 
@@ -17,6 +17,7 @@ def register(sub):
     p.add_argument("--rows", type=int, default=16, help="windows to score")
     p.add_argument("--ref", default=None, help="reference model folder: also report KL(reference || model)")
     p.add_argument("--batch", type=int, default=1, help="windows per forward pass")
+    add_cache_bits_arg(p)
     p.set_defaults(func=ppl)
 
 
@@ -41,7 +42,7 @@ def ppl(args):
     model = load_model(args)
     rows = windows(model.tokenizer.encode(read_text(args), add_bos=False), args.length, args.rows)
     reference = load_model(args, args.ref) if args.ref is not None else None
-    result = evaluate(model, rows, reference, args.batch)
+    result = evaluate(model, rows, reference, args.batch, args.cache_bits)
     line = f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({rows.shape[0]} x {args.length})"
     if result.kl_divergence is not None:
         line += f", KL divergence from {args.ref} {result.kl_divergence:.4f}"

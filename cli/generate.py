@@ -39,7 +39,7 @@ def _stream(gen, prompt, args, add_bos=None) -> str:
 def generate(args):
     import exlcore
 
-    gen = exlcore.Generator(load_model(args), args.max_seq_len)
+    gen = exlcore.Generator(load_model(args), args.max_seq_len, args.cache_bits)
     if len(args.prompt) == 1:
         _stream(gen, args.prompt[0], args)
         return
@@ -66,7 +66,7 @@ def chat(args):
     tok = model.tokenizer
     if template is None and tok.chat_template is None:
         raise ExlError(f"{args.model}: the model has no chat template; pick one with --mode")
-    gen = exlcore.Generator(model, args.max_seq_len)
+    gen = exlcore.Generator(model, args.max_seq_len, args.cache_bits)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:

@@ -19,9 +19,15 @@ def load_model(args, folder=None):
     return exlcore.load(folder or args.model, **kwargs)
 
 
+def add_cache_bits_arg(p: argparse.ArgumentParser):
+    p.add_argument("--cache-bits", type=int, default=16, choices=(16, 8, 4),
+                   help="KV cache precision: 16, or 8 or 4 bits (quantized: more tokens in the same memory)")
+
+
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float):
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-seq-len", type=int, default=None, help="cache size in tokens (default: model's, <= 8192)")
+    add_cache_bits_arg(p)
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -74,17 +74,20 @@ class Attention(nn.Module):
         v = v.view(B, T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        ext = on(q)
+        ext, cache = on(q), step.cache
         row = self.head_dim * q.element_size()
         fused = row <= MAX_FUSED_ROW_BYTES and row % 16 == 0
-        if step.cache is not None and T == 1 and ext is not None and fused:
+        if cache is not None and cache.bits < 16:  # the kernel reads quantized caches on tensor cores only
+            fused = fused and q.dtype in (torch.float16, torch.bfloat16)
+        if cache is not None and T == 1 and ext is not None and fused:
             # One kernel for the decode step's attention, with its rotary and cache write, split over the keys.
             tables = (self.rotary.cos, self.rotary.sin) if self.rotary is not None else (None, None)
             out = ext.decode_attention(q.reshape(B, self.heads, self.head_dim),
                                        k.reshape(B, self.kv_heads, self.head_dim),
-                                       v.reshape(B, self.kv_heads, self.head_dim), step.cache.k[self.layer],
-                                       step.cache.v[self.layer], *tables, step.positions[:, 0], step.kv_len,
-                                       self.window or 0, self.scale, self.softcap or 0.0, step.cache.counters)
+                                       v.reshape(B, self.kv_heads, self.head_dim), cache.k[self.layer],
+                                       cache.v[self.layer], *tables, step.positions[:, 0], step.kv_len,
+                                       self.window or 0, self.scale, self.softcap or 0.0, cache.counters,
+                                       *(s[self.layer] for s in (cache.k_scales, cache.v_scales) if s))
             return self.o(out.view(B, 1, self.heads * self.head_dim))
         q, k, v = self.rotate_and_store(q, k, v, step)
         sdpa = self.softcap is None and T > 1
@@ -101,7 +104,7 @@ class Attention(nn.Module):
         each sequence's positions and the first kv_len cached keys and values come back. On CUDA, one launch when
         there are both rotary and a cache (in place on q)."""
         cache, ext = step.cache, on(q)
-        if ext is not None and self.rotary is not None and cache is not None:
+        if ext is not None and self.rotary is not None and cache is not None and cache.bits == 16:
             ext.rotary_cache_(q, k, v, self.rotary.cos, self.rotary.sin, step.positions, cache.k[self.layer],
                               cache.v[self.layer])
             return (q.transpose(1, 2), *cache.read(self.layer, step.kv_len))

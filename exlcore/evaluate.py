@@ -30,12 +30,15 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: Model, rows: torch.Tensor, reference: Model | None = None, batch: int = 1) -> Evaluation:
-    """Score every next token within each row; with a reference, also the KL divergence from it."""
+def evaluate(model: Model, rows: torch.Tensor, reference: Model | None = None, batch: int = 1,
+             cache_bits: int = 16) -> Evaluation:
+    """Score every next token within each row; with a reference, also the KL divergence from it. cache_bits 8 or 4:
+    the model's attention reads its keys and values back from a quantized KV cache, as decoding does."""
     nll, kl, count = 0.0, 0.0, 0
     for i in range(0, rows.shape[0], batch):
         chunk = rows[i:i + batch].to(model.device)
-        logp = torch.log_softmax(model.forward(chunk)[:, :-1], dim=-1)
+        cache = model.new_cache(chunk.shape[0], chunk.shape[1], cache_bits) if cache_bits < 16 else None
+        logp = torch.log_softmax(model.forward(chunk, cache)[:, :-1], dim=-1)
         targets = chunk[:, 1:]
         nll -= float(logp.gather(-1, targets[..., None]).sum())
         count += targets.numel()

@@ -84,12 +84,14 @@ def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class Generator:
-    def __init__(self, model: Model, max_seq_len: int | None = None):
+    def __init__(self, model: Model, max_seq_len: int | None = None, cache_bits: int = 16):
+        """cache_bits: 16, or 8 or 4 for a quantized KV cache (exlcore.cache): 1.9 or 3.6 times the tokens in the
+        same memory."""
         if max_seq_len is not None and max_seq_len < 2:
             raise ExlError(f"max_seq_len must be at least 2 tokens, not {max_seq_len}")
-        self.model = model
+        self.model, self.cache_bits = model, cache_bits
         self.max_seq_len = max_seq_len or default_seq_len(model.config)
-        self.cache = model.new_cache(1, self.max_seq_len)
+        self.cache = model.new_cache(1, self.max_seq_len, cache_bits)
         self.cached_ids: list[int] = []
         self.graphs = graphs.DecodeGraphs(model, self.cache) if graphs.supported(model) else None
         self.batch: tuple[KVCache, graphs.DecodeGraphs | None] | None = None  # the last batch's cache and graphs
@@ -241,7 +243,8 @@ class Generator:
         its graphs), and decode graphs over it where the model allows them; the last batch's when it fits."""
         if self.batch is None or self.batch[0].batch != batch or self.batch[0].max_len < tokens:
             self.batch = None  # free the old one first
-            cache = self.model.new_cache(batch, min(-(-tokens // graphs.BUCKET) * graphs.BUCKET, self.max_seq_len))
+            cache = self.model.new_cache(batch, min(-(-tokens // graphs.BUCKET) * graphs.BUCKET, self.max_seq_len),
+                                         self.cache_bits)
             self.batch = cache, graphs.DecodeGraphs(self.model, cache) if graphs.supported(self.model) else None
         return self.batch
 

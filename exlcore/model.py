@@ -115,8 +115,10 @@ class Model(nn.Module):
         normed = self.norm(x) if h is None else self.norm.add_forward(x, h)[1]
         return self.head(normed.to(self.dtype))
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch: int = 1, max_len: int | None = None, bits: int = 16) -> KVCache:
+        """A cache for `batch` sequences of up to max_len tokens (default: the model's context), its rows stored in
+        `bits` (16, or quantized to 8 or 4: exlcore.cache)."""
         c = self.config
         max_len = max_len or c.max_position_embeddings
         return KVCache(len(self.layers), batch, max_len, c.num_heads, c.num_kv_heads, c.head_dim, self.device,
-                       self.dtype)
+                       self.dtype, bits)

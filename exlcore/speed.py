@@ -34,19 +34,19 @@ def _ids(model: Model, batch: int, length: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prefill_rate(model: Model, tokens: int) -> float:
+def prefill_rate(model: Model, tokens: int, cache_bits: int = 16) -> float:
     """Tokens/s of one `tokens`-long forward into an empty cache."""
     ids = _ids(model, 1, tokens).to(model.device)
-    seconds = [_seconds(model, lambda: model.forward(ids, model.new_cache(1, tokens), last_only=True))
+    seconds = [_seconds(model, lambda: model.forward(ids, model.new_cache(1, tokens, cache_bits), last_only=True))
                for _ in range(2)]  # the first warms up
     return tokens / seconds[-1]
 
 
 @torch.inference_mode()
-def decode_rate(model: Model, batch: int, prompt: int, steps: int) -> float:
+def decode_rate(model: Model, batch: int, prompt: int, steps: int, cache_bits: int = 16) -> float:
     """Steps/s of single-token decode for `batch` sequences after a `prompt`-token prefill: through the decode
     CUDA graphs where the model allows them (graphs.DecodeGraphs), else plain forwards."""
-    cache = model.new_cache(batch, prompt + steps)
+    cache = model.new_cache(batch, prompt + steps, cache_bits)
     ids = _ids(model, batch, prompt).to(model.device)
     tokens = ids[:, 0]
     graphed = graphs.DecodeGraphs(model, cache) if graphs.supported(model) else None
@@ -63,8 +63,10 @@ def decode_rate(model: Model, batch: int, prompt: int, steps: int) -> float:
     return steps / seconds[-1]
 
 
-def measure(model: Model, prompt: int = 512, steps: int = 128, batches: tuple[int, ...] = (1,)) -> Speed:
-    """Prefill of `prompt` tokens, then decode of `steps` tokens per sequence at each batch size."""
+def measure(model: Model, prompt: int = 512, steps: int = 128, batches: tuple[int, ...] = (1,),
+            cache_bits: int = 16) -> Speed:
+    """Prefill of `prompt` tokens, then decode of `steps` tokens per sequence at each batch size, with a KV cache
+    of cache_bits."""
     if prompt < 1 or steps < 1 or min(batches, default=0) < 1:
         raise ExlError("the prompt, the new tokens and every batch size must be at least 1")
     if prompt + steps > model.config.max_position_embeddings:
@@ -73,7 +75,8 @@ def measure(model: Model, prompt: int = 512, steps: int = 128, batches: tuple[in
     cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
-    speed = Speed(prefill_rate(model, prompt), {b: decode_rate(model, b, prompt, steps) for b in batches}, None)
+    speed = Speed(prefill_rate(model, prompt, cache_bits),
+                  {b: decode_rate(model, b, prompt, steps, cache_bits) for b in batches}, None)
     if cuda:
         speed.peak_bytes = torch.cuda.max_memory_allocated(model.device)
     return speed

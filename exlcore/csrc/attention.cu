@@ -114,8 +114,8 @@ __device__ __forceinline__ bool rotary_rows(const float* cos, const float* sin, 
 // rotary would store it) into qs (G, D) as fp32; k rotated and v into the cache by the writer, and to stage_row(u, d,
 // k, v) for dimension d = threadIdx.x + u THREADS in the block that stages them. Every load is issued before the first
 // store (indices past the end clamped to the last element), so all take one round trip. kb, vb: the caches of the
-// job's KV head.
-template <typename T, int MAX_D, int GROUP, typename Staged>
+// job's KV head. QUANTIZED: the caches are not T rows; stage_row takes the writer's rows too, and writes them.
+template <typename T, int MAX_D, int GROUP, bool QUANTIZED = false, typename Staged>
 __device__ __forceinline__ void new_token(const T* q, const T* k_new, const T* v_new, T* kb, T* vb, const Job& job,
                                           int H, int KVH, int D, const float (*table)[DA_MAX_D], float* qs,
                                           Staged&& stage_row) {
@@ -152,11 +152,11 @@ __device__ __forceinline__ void new_token(const T* q, const T* k_new, const T* v
             const int d = tid + u * THREADS;
             if (d >= D) break;
             const T kd = from_float<T>(rotated(ke[u], d, D, cos_row, sin_row)), vd = ve[u];
-            if (writer) {
+            if (!QUANTIZED && writer) {
                 kb[(size_t)pos * D + d] = kd;
                 vb[(size_t)pos * D + d] = vd;
             }
-            if (staged) stage_row(u, d, kd, vd);
+            if (QUANTIZED || staged) stage_row(u, d, kd, vd);
         }
     }
 }
@@ -441,20 +441,78 @@ __device__ __forceinline__ void wait_pending(int n) {
     else asm volatile("cp.async.wait_group 2;" ::: "memory");
 }
 
+// Quantized caches (exlcore/cache.py defines the format): each group of KV_GROUP elements of a row rotated by the
+// orthonormal Hadamard matrix H, then rounded to BITS-bit codes (offset by 2^(BITS-1)) of one fp16 scale. The kernel
+// dequantizes codes * scale without undoing H: scores use H q (q . k = Hq . Hk), and the values' weighted sum comes
+// out as H o, rotated back at the end (H H = 1).
+constexpr int KV_GROUP = 32;
+
+// x, one element of a group per lane, times H (fp32, in the order exlcore.cache.hadamard adds).
+__device__ __forceinline__ float hadamard32(float x) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int m = 1; m < 32; m <<= 1) {
+        const float y = __shfl_xor_sync(0xFFFFFFFFu, x, m);
+        x = lane & m ? y - x : x + y;
+    }
+    return x * 0.17677669529663687f;  // 32^-0.5
+}
+
+// This lane's code (offset) of the group the warp's lanes hold one element each, already rotated, and its scale.
+template <int BITS>
+__device__ __forceinline__ uint32_t quantize32(float x, half& scale) {
+    constexpr float QMAX = (1 << (BITS - 1)) - 1;
+    scale = __float2half_rn(warp_max(fabsf(x)) / QMAX);
+    const float s = __half2float(scale);
+    return (uint32_t)((s > 0.f ? fminf(fmaxf(rintf(x / s), -QMAX), QMAX) : 0.f) + QMAX + 1.f);
+}
+
+// 16 codes (BITS * 2 bytes from `codes`) times scale s as 16 elements of T in out: exact products, rounded once.
+template <typename T, int BITS>
+__device__ __forceinline__ void dequantize16(const uint8_t* codes, float s, uint32_t (&out)[8]) {
+    uint32_t w[BITS / 2];
+    if constexpr (BITS == 8) *reinterpret_cast<uint4*>(w) = *reinterpret_cast<const uint4*>(codes);
+    else *reinterpret_cast<uint2*>(w) = *reinterpret_cast<const uint2*>(codes);
+    // A code c as the float 2^23 + c (its bits ORed into the mantissa), less the offset: exact, and no I2F.
+    constexpr float BASE = 8388608.f + (1 << (BITS - 1));
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        uint32_t c0, c1;
+        if constexpr (BITS == 8) {
+            c0 = w[e / 2] >> (16 * (e % 2)) & 0xFF;
+            c1 = w[e / 2] >> (16 * (e % 2) + 8) & 0xFF;
+        } else {
+            c0 = w[e / 4] >> (8 * (e % 4)) & 0xF;
+            c1 = w[e / 4] >> (8 * (e % 4) + 4) & 0xF;
+        }
+        out[e] = pack2<T>((__uint_as_float(0x4B000000u | c0) - BASE) * s,
+                          (__uint_as_float(0x4B000000u | c1) - BASE) * s);
+    }
+}
+
 // MAX_D: 128 or 256, the most dimensions the registers hold (the sums: MAX_D / 2 a thread; 155 and 255 registers).
-template <typename T, int MAX_D>
+// BITS 8 or 4: a quantized cache, k and v its codes (B, KVH, S, D * BITS / 8) bytes, k_scales and v_scales its
+// scales (B, KVH, S, D / KV_GROUP), S a multiple of MMA_TILE.
+template <typename T, int MAX_D, int BITS>
 __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     const T* __restrict__ q, const T* __restrict__ k_new, const T* __restrict__ v_new, T* __restrict__ k,
     T* __restrict__ v, const float* __restrict__ cos, const float* __restrict__ sin, T* __restrict__ out,
     const int64_t* __restrict__ positions, int H, int KVH, int S, int D, int kv_len, int block_keys, int stages,
-    int window, float scale, float softcap, float* __restrict__ partial, int* __restrict__ counters) {
+    int window, float scale, float softcap, float* __restrict__ partial, int* __restrict__ counters,
+    half* __restrict__ k_scales, half* __restrict__ v_scales) {
     constexpr int GROUP = DA_GROUP, NT = MAX_D / 8;  // heads a block takes; n-tiles of 8 dimensions at most
+    constexpr bool Q = BITS < 16;
     // The ring: `stages` tiles of keys then values, (MMA_TILE, D + 8) each; then q (GROUP, D) in fp32; at the end the
-    // warps' sums (WARPS, GROUP, D) over the ring.
+    // warps' sums (WARPS, GROUP, D) over the ring. Quantized, a tile is its codes, keys then values (MMA_TILE, CB)
+    // bytes each, then its scales likewise (MMA_TILE, D / KV_GROUP); each warp dequantizes its 16 keys and values
+    // into its own (16, D + 8) pair of T after the ring, before q.
     extern __shared__ int4 smem[];
-    const int pitch = D + 8;
+    const int pitch = D + 8, CB = D * BITS / 8, SB = D / KV_GROUP;
+    const int slot_bytes = 2 * MMA_TILE * (CB + 2 * SB);
     T* ring = reinterpret_cast<T*>(smem);
-    float* qs = reinterpret_cast<float*>(ring + (size_t)stages * 2 * MMA_TILE * pitch);
+    T* warp_tiles = reinterpret_cast<T*>(reinterpret_cast<char*>(smem) + stages * slot_bytes);
+    float* qs = reinterpret_cast<float*>(Q ? warp_tiles + WARPS * 2 * 16 * pitch
+                                           : ring + (size_t)stages * 2 * MMA_TILE * pitch);
     float* sums = reinterpret_cast<float*>(smem);
     __shared__ float top[GROUP], total[GROUP], warp_top[WARPS][GROUP], warp_total[WARPS][GROUP];
     __shared__ float table[2][DA_MAX_D];  // the position's cos and sin rows
@@ -468,11 +526,33 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     const int tiles = lo < hi ? (hi - 1 - j0) / MMA_TILE + 1 - first_tile : 0;
     T* kb = k + ((size_t)job.b * KVH + job.kvh) * S * D;
     T* vb = v + ((size_t)job.b * KVH + job.kvh) * S * D;
+    const size_t head = (size_t)job.b * KVH + job.kvh;  // the job's rows of a quantized cache
+    uint8_t* kq = reinterpret_cast<uint8_t*>(k) + head * S * CB;
+    uint8_t* vq = reinterpret_cast<uint8_t*>(v) + head * S * CB;
+    half* ksc = k_scales + head * S * SB;
+    half* vsc = v_scales + head * S * SB;
     // Tile i into its slot as commit group i (empty past the last tile, so that waits count groups alike): the ring
     // starts full, and tile i - 1's slot takes tile i - 1 + stages once every warp is past it. The new token's row
-    // comes from registers.
+    // comes from registers. A quantized tile is four runs of bytes (S holds whole tiles), its rows outside the
+    // visible run zeroed as they are dequantized.
     const auto stage = [&](int i) {
-        if (i < tiles) {
+        if constexpr (Q) {
+            if (i < tiles) {
+                const int base = j0 + (first_tile + i) * MMA_TILE;
+                const int code_pieces = MMA_TILE * CB / 16, scale_pieces = MMA_TILE * SB / 8;
+                char* slot = reinterpret_cast<char*>(smem) + (i % stages) * slot_bytes;
+#pragma unroll 1
+                for (int u = tid; u < 2 * (code_pieces + scale_pieces); u += THREADS) {
+                    const bool code = u < 2 * code_pieces;
+                    const int n = code ? code_pieces : scale_pieces, w = code ? u : u - 2 * code_pieces;
+                    const int value = w / n, e = w % n;
+                    const char* from = code ? reinterpret_cast<const char*>((value ? vq : kq) + (size_t)base * CB)
+                                            : reinterpret_cast<const char*>((value ? vsc : ksc) + (size_t)base * SB);
+                    char* to = slot + (code ? value * MMA_TILE * CB : 2 * MMA_TILE * CB + value * MMA_TILE * SB * 2);
+                    copy16(to + 16 * e, from + 16 * e);
+                }
+            }
+        } else if (i < tiles) {
             const int base = j0 + (first_tile + i) * MMA_TILE, pieces = D / 8;
             T* ks = ring + (size_t)(i % stages) * 2 * MMA_TILE * pitch;
 #pragma unroll 1
@@ -496,12 +576,43 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     dependents_start();
     constexpr int PER_ROW = (MAX_D + THREADS - 1) / THREADS;
     T k_row[PER_ROW], v_row[PER_ROW];  // the new token's dimensions tid + u THREADS, for its tile
-    new_token<T, MAX_D, GROUP>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
-                               [&](int u, int, T kd, T vd) {
-                                   k_row[u] = kd;
-                                   v_row[u] = vd;
-                               });
+    // Quantized: its codes (a byte; at 4 bits the even lane's holds its odd neighbour's in the high nibble) and scales.
+    uint32_t k_code[Q ? PER_ROW : 1], v_code[Q ? PER_ROW : 1];
+    half k_scale[Q ? PER_ROW : 1], v_scale[Q ? PER_ROW : 1];
+    if constexpr (Q) {
+        new_token<T, MAX_D, GROUP, true>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
+                                         [&](int u, int d, T kd, T vd) {
+            k_code[u] = quantize32<BITS>(hadamard32(to_float(kd)), k_scale[u]);
+            v_code[u] = quantize32<BITS>(hadamard32(to_float(vd)), v_scale[u]);
+            if constexpr (BITS == 4) {
+                k_code[u] |= __shfl_down_sync(0xFFFFFFFFu, k_code[u], 1) << 4;
+                v_code[u] |= __shfl_down_sync(0xFFFFFFFFu, v_code[u], 1) << 4;
+            }
+            if (job.writer && d % (8 / BITS) == 0) {
+                kq[(size_t)pos * CB + d * BITS / 8] = (uint8_t)k_code[u];
+                vq[(size_t)pos * CB + d * BITS / 8] = (uint8_t)v_code[u];
+            }
+            if (job.writer && d % KV_GROUP == 0) {
+                ksc[(size_t)pos * SB + d / KV_GROUP] = k_scale[u];
+                vsc[(size_t)pos * SB + d / KV_GROUP] = v_scale[u];
+            }
+        });
+    } else {
+        new_token<T, MAX_D, GROUP>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
+                                   [&](int u, int, T kd, T vd) {
+                                       k_row[u] = kd;
+                                       v_row[u] = vd;
+                                   });
+    }
     __syncthreads();
+    if constexpr (Q) {  // q times H, a group per warp at a time
+#pragma unroll 1
+        for (int i = warp; i < G * SB; i += WARPS) {
+            float* x = qs + i * KV_GROUP + lane;
+            *x = hadamard32(*x);
+        }
+        __syncthreads();
+    }
     uint32_t qa[NT / 2][2];  // q as A fragments, one per 16 dimensions
 #pragma unroll
     for (int s = 0; s < NT / 2; s++) {
@@ -523,17 +634,49 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
         const int base = j0 + (first_tile + i) * MMA_TILE;
         T* ks = ring + (size_t)(i % stages) * 2 * MMA_TILE * pitch;
         T* vs = ks + MMA_TILE * pitch;
+        uint8_t* slot = reinterpret_cast<uint8_t*>(smem) + (i % stages) * slot_bytes;
+        half* slot_scales = reinterpret_cast<half*>(slot + 2 * MMA_TILE * CB);
         wait_pending(i == 0 ? stages - 1 : stages - 2);  // tile i is group i: the last of those in
         if (i == pos_tile)
 #pragma unroll
             for (int u = 0; u < PER_ROW; u++) {
                 const int d = tid + u * THREADS;
                 if (d >= D) break;
-                ks[(pos - base) * pitch + d] = k_row[u];
-                vs[(pos - base) * pitch + d] = v_row[u];
+                if constexpr (Q) {
+                    if (d % (8 / BITS) == 0) {
+                        slot[(pos - base) * CB + d * BITS / 8] = (uint8_t)k_code[u];
+                        slot[(MMA_TILE + pos - base) * CB + d * BITS / 8] = (uint8_t)v_code[u];
+                    }
+                    if (d % KV_GROUP == 0) {
+                        slot_scales[(pos - base) * SB + d / KV_GROUP] = k_scale[u];
+                        slot_scales[(MMA_TILE + pos - base) * SB + d / KV_GROUP] = v_scale[u];
+                    }
+                } else {
+                    ks[(pos - base) * pitch + d] = k_row[u];
+                    vs[(pos - base) * pitch + d] = v_row[u];
+                }
             }
         __syncthreads();  // the tile is in, and every warp is past the tile before (whose slot is refilled next)
         if (i > 0) stage(i - 1 + stages);
+        // The warp's 16 keys and values: in the ring, or dequantized into the warp's own pair of tiles.
+        T* kt = Q ? warp_tiles + warp * 2 * 16 * pitch : ks + kw * pitch;
+        T* vt = Q ? kt + 16 * pitch : vs + kw * pitch;
+        if constexpr (Q) {  // 16 elements a lane at a time
+            const int per_row = D / 16;
+            __syncwarp();  // every lane past the last tile's ldmatrix
+#pragma unroll 1
+            for (int e = lane; e < 2 * 16 * per_row; e += 32) {
+                const int value = e / (16 * per_row), key = e / per_row % 16, c = e % per_row, j = base + kw + key;
+                const int row = value * MMA_TILE + kw + key;
+                uint32_t w[8];
+                dequantize16<T, BITS>(slot + row * CB + c * 2 * BITS, __half2float(slot_scales[row * SB + c / 2]), w);
+                if (j < lo || j >= hi) w[0] = w[1] = w[2] = w[3] = w[4] = w[5] = w[6] = w[7] = 0u;
+                uint4* to = reinterpret_cast<uint4*>((value ? vt : kt) + key * pitch + 16 * c);
+                to[0] = make_uint4(w[0], w[1], w[2], w[3]);
+                to[1] = make_uint4(w[4], w[5], w[6], w[7]);
+            }
+            __syncwarp();
+        }
 
         // Scores of keys kw + 8 nt + 2 t + c: matrices (keys 0..7, dims lo), (0..7, hi), (8..15, lo), (8..15, hi).
         float s[2][4] = {};
@@ -541,7 +684,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
         for (int u = 0; u < NT / 2; u++) {
             if (16 * u >= D) break;
             uint32_t kf[4];
-            load_matrices<false>(kf, ks + (kw + 8 * (m / 2) + r) * pitch + 16 * u + 8 * (m % 2));
+            load_matrices<false>(kf, kt + (8 * (m / 2) + r) * pitch + 16 * u + 8 * (m % 2));
             mma_rows8<T>(s[0], qa[u][0], qa[u][1], kf[0], kf[1]);
             mma_rows8<T>(s[1], qa[u][0], qa[u][1], kf[2], kf[3]);
         }
@@ -580,7 +723,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
         for (int u = 0; u < NT / 2; u++) {
             if (16 * u >= D) break;
             uint32_t vf[4];
-            load_matrices<true>(vf, vs + (kw + 8 * (m % 2) + r) * pitch + 16 * u + 8 * (m / 2));
+            load_matrices<true>(vf, vt + (8 * (m % 2) + r) * pitch + 16 * u + 8 * (m / 2));
             mma_rows8<T>(o[2 * u], pa0, pa2, vf[0], vf[1]);
             mma_rows8<T>(o[2 * u + 1], pa0, pa2, vf[2], vf[3]);
         }
@@ -605,6 +748,14 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
             sums[(warp * GROUP + g) * D + 8 * nt + 2 * t] = o[nt][0] * f;
             sums[(warp * GROUP + g) * D + 8 * nt + 2 * t + 1] = o[nt][1] * f;
         }
+    if constexpr (Q) {  // H o back to o, the warp's own rows
+        __syncwarp();
+#pragma unroll 1
+        for (int i = 0; i < G * SB; i++) {
+            float* x = sums + warp * GROUP * D + i * KV_GROUP + lane;
+            *x = hadamard32(*x);
+        }
+    }
     if (warp == 0 && t == 0) {
         float sum = 0.f;
 #pragma unroll
@@ -631,25 +782,27 @@ int block_keys_of(int kv_len, int D, int element) {
     return PASS * std::min(most, std::max(MIN_KEYS / PASS, (kv_len + SPLITS * PASS - 1) / (SPLITS * PASS)));
 }
 
-// Whether decode_attention_mma_kernel takes the launch: T fp16 or bf16 (element 2).
-bool mma_takes(int kv_len, int D, int element) {
-    return element == 2 && D % 16 == 0 && (D <= 128 || (D <= DA_MAX_D && kv_len >= MMA_WIDE_FROM));
+// Whether decode_attention_mma_kernel takes the launch: T fp16 or bf16 (element 2); always for quantized caches.
+bool mma_takes(int kv_len, int D, int element, int bits) {
+    return bits < 16 || (element == 2 && D % 16 == 0 && (D <= 128 || (D <= DA_MAX_D && kv_len >= MMA_WIDE_FROM)));
 }
 
 // Its keys per block (whole tiles): MMA_BLOCK_KEYS, within MMA_MIN_SPLITS .. MMA_SPLITS splits (measured at 201, 2001
-// and 8001 keys: 4 splits of 64, 16 of 128, 32 of 256); the tiles in its ring; its shared memory: the ring, then q in
-// fp32.
+// and 8001 keys: 4 splits of 64, 16 of 128, 32 of 256); the tiles in its ring; its shared memory: the ring (and for
+// a quantized cache the warps' tiles), then q in fp32.
 int mma_block_keys(int kv_len) {
     const int splits = std::clamp((kv_len + MMA_BLOCK_KEYS - 1) / MMA_BLOCK_KEYS, MMA_MIN_SPLITS, MMA_SPLITS);
     return MMA_TILE * std::max(1, (kv_len + splits * MMA_TILE - 1) / (splits * MMA_TILE));
 }
 int mma_stages(int kv_len) { return std::min(MMA_STAGES, mma_block_keys(kv_len) / MMA_TILE); }
-size_t mma_shared(int kv_len, int D) {
-    return (size_t)mma_stages(kv_len) * 2 * MMA_TILE * (D + 8) * 2 + (size_t)DA_GROUP * D * 4;
+size_t mma_shared(int kv_len, int D, int bits) {
+    const size_t q = (size_t)DA_GROUP * D * 4, stages = mma_stages(kv_len);
+    if (bits == 16) return stages * 2 * MMA_TILE * (D + 8) * 2 + q;
+    return stages * 2 * MMA_TILE * (D * bits / 8 + 2 * D / KV_GROUP) + (size_t)WARPS * 2 * 16 * (D + 8) * 2 + q;
 }
 
-int splits_of(int kv_len, int D, int element) {
-    const int keys = mma_takes(kv_len, D, element) ? mma_block_keys(kv_len) : block_keys_of(kv_len, D, element);
+int splits_of(int kv_len, int D, int element, int bits) {
+    const int keys = mma_takes(kv_len, D, element, bits) ? mma_block_keys(kv_len) : block_keys_of(kv_len, D, element);
     return (kv_len + keys - 1) / keys;
 }
 
@@ -683,8 +836,8 @@ auto kernel_for(int D, int group) {
 
 }  // namespace
 
-size_t decode_attention_workspace(int B, int H, int D, int kv_len, int element) {
-    const int splits = splits_of(kv_len, D, element);
+size_t decode_attention_workspace(int B, int H, int D, int kv_len, int element, int bits) {
+    const int splits = splits_of(kv_len, D, element, bits);
     return splits > 1 ? (size_t)B * H * splits * (D + 4) : 0;
 }
 
@@ -692,20 +845,26 @@ int decode_attention_counters(int B, int H, int KVH) {
     return B * KVH * ((H / KVH + DA_GROUP - 1) / DA_GROUP);
 }
 
+template <typename T, int BITS>
+auto mma_kernel_for(int D) {
+    return D <= 128 ? decode_attention_mma_kernel<T, 128, BITS> : decode_attention_mma_kernel<T, DA_MAX_D, BITS>;
+}
+
 template <typename T>
 cudaError_t decode_attention(const T* q, const T* k_new, const T* v_new, T* k, T* v, const float* cos,
                              const float* sin, T* out, const int64_t* positions, int B, int H, int KVH, int S, int D,
                              int kv_len, int window, float scale, float softcap, float* workspace, int* counters,
-                             cudaStream_t stream) {
+                             int bits, half* k_scales, half* v_scales, cudaStream_t stream) {
     const int element = sizeof(T);
-    const dim3 grid(splits_of(kv_len, D, element), decode_attention_counters(B, H, KVH));
+    const dim3 grid(splits_of(kv_len, D, element, bits), decode_attention_counters(B, H, KVH));
     if constexpr (!std::is_same_v<T, float>) {
-        if (mma_takes(kv_len, D, element)) {
-            auto kernel = D <= 128 ? decode_attention_mma_kernel<T, 128> : decode_attention_mma_kernel<T, DA_MAX_D>;
+        if (mma_takes(kv_len, D, element, bits)) {
+            auto kernel = bits == 8 ? mma_kernel_for<T, 8>(D) : bits == 4 ? mma_kernel_for<T, 4>(D)
+                                                                          : mma_kernel_for<T, 16>(D);
             if (const cudaError_t e = allow_shared(reinterpret_cast<const void*>(kernel)); e != cudaSuccess) return e;
-            return launch(kernel, grid, THREADS, mma_shared(kv_len, D), stream, q, k_new, v_new, k, v, cos, sin, out,
-                          positions, H, KVH, S, D, kv_len, mma_block_keys(kv_len), mma_stages(kv_len), window, scale,
-                          softcap, workspace, counters);
+            return launch(kernel, grid, THREADS, mma_shared(kv_len, D, bits), stream, q, k_new, v_new, k, v, cos, sin,
+                          out, positions, H, KVH, S, D, kv_len, mma_block_keys(kv_len), mma_stages(kv_len), window,
+                          scale, softcap, workspace, counters, k_scales, v_scales);
         }
     }
     const int block_keys = block_keys_of(kv_len, D, element);
@@ -718,7 +877,7 @@ cudaError_t decode_attention(const T* q, const T* k_new, const T* v_new, T* k, T
 #define INSTANTIATE(T)                                                                                           \
     template cudaError_t decode_attention<T>(const T*, const T*, const T*, T*, T*, const float*, const float*, T*, \
                                              const int64_t*, int, int, int, int, int, int, int, float, float, float*, \
-                                             int*, cudaStream_t);
+                                             int*, int, half*, half*, cudaStream_t);
 INSTANTIATE(half)
 INSTANTIATE(__nv_bfloat16)
 INSTANTIATE(float)

@@ -237,23 +237,42 @@ void rotary_cache_(const torch::Tensor& q, const torch::Tensor& k, const torch::
 
 // q (B, H, D) one query per sequence, k_new and v_new (B, KVH, D) its key and value, written to the caches k, v
 // (B, KVH, S, D) at positions (B,) int64, q and k_new rotated first when the fp32 tables cos, sin are given;
-// counters int32, zero (left zero), B * H of them at most needed.
+// counters int32, zero (left zero), B * H of them at most needed. With k_scales and v_scales (B, KVH, S, D / 32)
+// fp16 the caches are quantized (exlcore/cache.py): k and v uint8 (B, KVH, S, D * bits / 8), bits 8 or 4.
 torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
                                 const torch::Tensor& k, const torch::Tensor& v, const std::optional<torch::Tensor>& cos,
                                 const std::optional<torch::Tensor>& sin, const torch::Tensor& positions, int64_t kv_len,
-                                int64_t window, double scale, double softcap, const torch::Tensor& counters) {
+                                int64_t window, double scale, double softcap, const torch::Tensor& counters,
+                                const std::optional<torch::Tensor>& k_scales,
+                                const std::optional<torch::Tensor>& v_scales) {
     for (const auto* t : {&q, &k_new, &v_new, &k, &v, &positions, &counters})
         TORCH_CHECK(t->is_contiguous() && t->device() == q.device(), "decode_attention: layout or device");
-    for (const auto* t : {&k_new, &v_new, &k, &v}) TORCH_CHECK(t->dtype() == q.dtype(), "decode_attention: one dtype");
+    for (const auto* t : {&k_new, &v_new}) TORCH_CHECK(t->dtype() == q.dtype(), "decode_attention: one dtype");
+    TORCH_CHECK(k_scales.has_value() == v_scales.has_value(), "decode_attention: both scales or neither");
+    const int B = (int)q.size(0), H = (int)q.size(1), KVH = (int)k.size(1), D = (int)q.size(2);
+    const int bits = k_scales ? (int)(k.size(3) * 8 / D) : 16;
     TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
-                    k.size(3) == q.size(2) && q.size(1) % k.size(1) == 0 && k_new.sizes() == v_new.sizes() &&
-                    k_new.dim() == 3 && k_new.size(0) == q.size(0) && k_new.size(1) == k.size(1) &&
-                    k_new.size(2) == q.size(2) && kv_len >= 1 && kv_len <= k.size(2),
+                    k.size(3) == (bits == 16 ? D : (int64_t)D * bits / 8) &&
+                    q.size(1) % k.size(1) == 0 && k_new.sizes() == v_new.sizes() && k_new.dim() == 3 &&
+                    k_new.size(0) == q.size(0) && k_new.size(1) == k.size(1) && k_new.size(2) == q.size(2) &&
+                    kv_len >= 1 && kv_len <= k.size(2),
                 "decode_attention: q (B, H, D), k_new and v_new (B, KVH, D), caches (B, KVH, S, D) with H a multiple "
                 "of KVH, 1 <= kv_len <= S");
-    const int B = (int)q.size(0), H = (int)q.size(1), KVH = (int)k.size(1), D = (int)q.size(2);
     TORCH_CHECK(D <= DA_MAX_D && D * q.element_size() % 16 == 0 && D % 2 == 0, "decode_attention: head_dim up to ",
                 DA_MAX_D, ", a multiple of 16 bytes");
+    if (bits == 16) {
+        for (const auto* t : {&k, &v}) TORCH_CHECK(t->dtype() == q.dtype(), "decode_attention: one dtype");
+    } else {
+        TORCH_CHECK((bits == 8 || bits == 4) && k.dtype() == torch::kUInt8 && v.dtype() == torch::kUInt8 &&
+                        q.element_size() == 2 && D % 32 == 0 && k.size(2) % 64 == 0,
+                    "decode_attention: a quantized cache holds 8- or 4-bit uint8 codes of fp16 or bf16 rows, head_dim "
+                    "a multiple of 32, S of 64");
+        for (const auto* t : {&*k_scales, &*v_scales})
+            TORCH_CHECK(t->is_contiguous() && t->device() == q.device() && t->dtype() == torch::kHalf &&
+                            t->dim() == 4 && t->size(0) == B && t->size(1) == KVH && t->size(2) == k.size(2) &&
+                            t->size(3) == D / 32,
+                        "decode_attention: fp16 scales (B, KVH, S, head_dim / 32)");
+    }
     TORCH_CHECK(positions.dtype() == torch::kLong && positions.dim() == 1 && positions.size(0) == B,
                 "decode_attention: (B,) int64 positions");
     TORCH_CHECK(counters.dtype() == torch::kInt32 && counters.numel() >= decode_attention_counters(B, H, KVH),
@@ -267,60 +286,22 @@ torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k_n
     }
     const c10::cuda::CUDAGuard guard(q.device());
     auto out = torch::empty_like(q);
-    auto workspace = torch::empty({(int64_t)decode_attention_workspace(B, H, D, (int)kv_len, (int)q.element_size())},
+    auto workspace = torch::empty({(int64_t)decode_attention_workspace(B, H, D, (int)kv_len, (int)q.element_size(),
+                                                                        bits)},
                                   q.options().dtype(torch::kFloat));
     dispatch(q, [&](auto tag) {
         using T = decltype(tag);
-        check(decode_attention<T>(ptr<T>(q), ptr<T>(k_new), ptr<T>(v_new), ptr<T>(k), ptr<T>(v),
+        check(decode_attention<T>(ptr<T>(q), ptr<T>(k_new), ptr<T>(v_new), static_cast<T*>(k.data_ptr()),
+                                  static_cast<T*>(v.data_ptr()),
                                   cos ? cos->data_ptr<float>() : nullptr, sin ? sin->data_ptr<float>() : nullptr,
                                   ptr<T>(out), positions.data_ptr<int64_t>(), B, H, KVH, (int)k.size(2), D,
                                   (int)kv_len, (int)window, (float)scale, (float)softcap, workspace.data_ptr<float>(),
-                                  counters.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream()),
+                                  counters.data_ptr<int32_t>(), bits,
+                                  k_scales ? static_cast<half*>(k_scales->data_ptr()) : nullptr,
+                                  v_scales ? static_cast<half*>(v_scales->data_ptr()) : nullptr,
+                                  at::cuda::getCurrentCUDAStream()),
               "decode_attention");
     });
     return out;
 }
 
-// GPTQ over rows b0 .. b1-1 (at most GPTQ_ROWS) of w (K, C); see gptq.cuh.
-void gptq_rows_(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& scale, const torch::Tensor& half,
-                const torch::Tensor& codes, const torch::Tensor& err, int64_t b0, int64_t b1) {
-    for (const auto* t : {&w, &u, &scale, &half, &err})
-        TORCH_CHECK(t->is_cuda() && t->dtype() == torch::kFloat && t->is_contiguous(), "gptq_rows: fp32 layout");
-    TORCH_CHECK(codes.dtype() == torch::kInt16 && codes.is_contiguous() && codes.sizes() == w.sizes(), "gptq_rows: codes");
-    const c10::cuda::CUDAGuard guard(w.device());
-    check(gptq_rows(w.data_ptr<float>(), u.data_ptr<float>(), scale.data_ptr<float>(), half.data_ptr<float>(),
-                    codes.data_ptr<int16_t>(), err.data_ptr<float>(), (int)w.size(0), (int)w.size(1), (int)b0,
-                    (int)(b1 - b0), at::cuda::getCurrentCUDAStream()),
-          "gptq_rows");
-}
-
-// w (rows, C), scales (P, C) fp32 -> (P, C) summed |error|^3.5; see gptq.cuh.
-torch::Tensor scale_errors_(const torch::Tensor& w, const torch::Tensor& scales, int64_t half, int64_t top) {
-    TORCH_CHECK(w.is_cuda() && w.dtype() == torch::kFloat && scales.dtype() == torch::kFloat && w.dim() == 2 &&
-                    scales.dim() == 2 && scales.size(1) == w.size(1),
-                "scale_errors: fp32 (rows, C) and (P, C)");
-    const c10::cuda::CUDAGuard guard(w.device());
-    auto wc = w.contiguous(), sc = scales.contiguous();
-    auto err = torch::empty_like(sc);
-    check(scale_errors(wc.data_ptr<float>(), sc.data_ptr<float>(), err.data_ptr<float>(), (int)w.size(0),
-                       (int)w.size(1), (int)sc.size(0), (float)half, (float)top, at::cuda::getCurrentCUDAStream()),
-          "scale_errors");
-    return err;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("qm_matmul", &qm_matmul, "x @ W^T for packed EXL2/GPTQ matrices sharing x");
-    m.def("qm_weight", &qm_weight, "W^T (K, N) fp16 of a packed matrix, in input-channel order");
-    m.def("rms_norm", &rms_norm_, "RMSNorm over the last dimension, fp32 math");
-    m.def("add_rms_norm", &add_rms_norm_, "(x + h, RMSNorm(x + h)): the residual add before a norm, one launch");
-    m.def("rotary_", &rotary_, "rotary embedding in place, rotate-half layout");
-    m.def("rotary_cache_", &rotary_cache_, "rotary on q in place and on k into the KV cache beside v, one launch");
-    m.def("act_mul", &act_mul_, "act(gate) * up; act 0 = SiLU, 1 = tanh GELU");
-    m.def("argmax", &argmax_, "argmax over the last dimension of a (rows, n) tensor, as torch.argmax");
-    m.def("decode_attention", &decode_attention_,
-          "single-query attention over a KV cache, split over keys, with the step's rotary and cache write");
-    m.def("gptq_rows", &gptq_rows_, "GPTQ over a block of up to 32 rows, in place");
-    m.def("scale_errors", &scale_errors_, "EXL2 scale search: summed |error|^3.5 per candidate scale");
-}
