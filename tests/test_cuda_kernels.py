@@ -366,6 +366,55 @@ def test_decode_attention(ext, dtype, heads, kv_heads, dim, window, softcap, kv_
         assert not counters.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("heads,kv_heads,dim,window,softcap,kv_len", [
+    (8, 2, 128, 0, 0.0, 1000), (4, 4, 64, 0, 0.0, 1), (9, 3, 64, 7, 0.0, 256), (8, 1, 128, 300, 0.0, 1000),
+    (4, 2, 256, 0, 20.0, 200), (8, 2, 128, 0, 0.0, 8001), (4, 2, 96, 0, 0.0, 600), (8, 2, 128, 5, 0.0, 17),
+])
+def test_decode_attention_quantized_cache(ext, dtype, bits, heads, kv_heads, dim, window, softcap, kv_len):
+    """Over a quantized cache (exlcore.cache's format): the new token's rotated k and v written as
+    exlcore.cache.quantize codes them (bit for bit; nothing else changes), and attention over what the cache
+    holds, dequantize's keys and values, within the dtype's tolerance of the reference. Rows of 64 to 256, 1 to
+    8001 keys (32 splits through a ring of three tiles), windows and soft-capping; twice, for the counters."""
+    from exlcore.attention import explicit_attention
+    from exlcore.cache import dequantize, quantize
+    from exlcore.rope import RopeConfig, Rotary
+
+    B, S = 3, -(-(kv_len + 1) // 64) * 64
+    g = torch.Generator().manual_seed(kv_len * 1000 + heads * 10 + dim + bits)
+    q = torch.randn(B, heads, dim, generator=g).to(dtype)
+    k_new, v_new = torch.randn(2, B, kv_heads, dim, generator=g).to(dtype)
+    k_new[..., 3] *= 20  # an outlier channel, as rotated keys have
+    caches = [quantize(torch.randn(B, kv_heads, S, dim, generator=g), bits) for _ in range(2)]
+    positions = torch.tensor([0, kv_len // 2, kv_len - 1])
+    rope = Rotary(RopeConfig(theta=10000.0), dim)
+    rope.prepare(S, torch.device("cuda"))
+    q_rot, k_rot = q.cuda(), k_new.cuda()
+    for x in (q_rot, k_rot):
+        ext.rotary_(x[:, None], rope.cos, rope.sin, positions[:, None].cuda())
+    rows = torch.arange(B)
+    expected_caches = [(c.clone(), s.clone()) for c, s in caches]
+    for (c, s), new in zip(expected_caches, (k_rot.cpu(), v_new)):
+        c[rows, :, positions], s[rows, :, positions] = quantize(new, bits)
+    k_ref, v_ref = (dequantize(c[:, :, :kv_len], s[:, :, :kv_len], bits, torch.float64) for c, s in expected_caches)
+    j = torch.arange(kv_len)
+    mask = j <= positions[:, None]
+    if window:
+        mask &= j > positions[:, None] - window
+    expected = explicit_attention(q_rot.cpu().double()[:, :, None], k_ref, v_ref, mask[:, None, None], dim**-0.5,
+                                  softcap or None)[:, :, 0]
+    counters = torch.zeros(B * heads, dtype=torch.int32, device="cuda")
+    for _ in range(2):
+        (kc, ks), (vc, vs) = [(c.cuda(), s.cuda()) for c, s in caches]
+        got = ext.decode_attention(q.cuda(), k_new.cuda(), v_new.cuda(), kc, vc, rope.cos, rope.sin,
+                                   positions.cuda(), kv_len, window, dim**-0.5, softcap, counters, ks, vs)
+        for got_cache, want in zip((kc, ks, vc, vs), (t for pair in expected_caches for t in pair)):
+            assert torch.equal(got_cache.cpu(), want)
+        assert rel(got, expected) < 2 * TOL[dtype]
+        assert not counters.any()
+
+
 @pytest.mark.parametrize("option", ["4b_128g", "0.05:8b_32g/0.2:3b_64g/0.75:2b_64g", "0.3:6b_32g/0.7:5b_128g"])
 def test_gptq_kernels_follow_the_reference(ext, option):
     """GPTQ's row loop and the scale search as kernels against the PyTorch loop on the CPU: the same codes
