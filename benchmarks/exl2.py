@@ -11,7 +11,7 @@ the head at 6 bits as exllamav2's default -hb 6 makes it). Both libraries load t
            exlcore.speed.decode_rate (`exl bench`): the same CUDA graphs, one token per sequence. exllamav2 runs plain
            forward loops (it has no graphs), with EXLLAMA_NO_SDPA=1 (its SDPA fallback drops the causal mask).
   long     batch-1 decode tokens/s after an 8000-token prompt (the same loops as decode): attention over a long
-           cache in every step.
+           cache in every step; also with the KV cache quantized to 8 and 4 bits (exllamav2: ExLlamaV2Cache_Q8, _Q4).
   prefill  tokens/s of one 2048-token forward into an empty cache (exllamav2: its matmul attention, no
            flash-attn here; exlcore: torch SDPA).
   ragged   generated tokens/s over the whole call (prefill included) of 16 text prompts of about 100 to 720 tokens, 128
@@ -191,6 +191,7 @@ def torch_read(model) -> tuple[float, int]:
 
 RAGGED, RAGGED_IDS, RAGGED_ROOM = 16, 512, 1024  # prompts; the most ids drawn for one; cache room for a prompt
 LONG = 8000  # the long-context decode's prompt tokens
+CACHE_BITS = (16, 8, 4)  # the long decode's KV caches
 
 
 def ragged_prompts(folder: Path) -> list[str]:
@@ -224,9 +225,11 @@ def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: b
     x = torch.randint(0, vocab, (1, prefill), generator=gen).cuda()
     r["prefill"] = prefill / timed(lambda: model.forward(x, model.new_cache(1, prefill), last_only=True))
     r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9  # before the long and ragged runs' larger caches
-    g = exlcore.Generator(model, max_seq_len=LONG + steps + 8)
-    r["decode_long"] = decode_rates(g, torch.randint(0, vocab, (LONG,), generator=gen).tolist(), steps, 1)[0]
-    del g
+    long_prompt = torch.randint(0, vocab, (LONG,), generator=gen).tolist()
+    for bits in CACHE_BITS:
+        g = exlcore.Generator(model, max_seq_len=LONG + steps + 8, cache_bits=bits)
+        r[f"decode_long_{bits}"] = decode_rates(g, long_prompt, steps, 1)[0]
+        del g
     prompts = ragged_prompts(folder)
     g = exlcore.Generator(model, max_seq_len=RAGGED_ROOM + steps)
     r["ragged"] = len(prompts) * steps / timed(lambda: g.generate(prompts, max_new_tokens=steps, temperature=0), 1)
@@ -273,17 +276,21 @@ def bench_exllamav2(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
     config.max_seq_len = LONG + steps + 8
     model = ExLlamaV2(config)
     model.load()
-    r["decode_long"] = exllamav2_decode(model, torch.randint(0, vocab, (1, LONG), generator=gen), steps)
+    from exllamav2 import ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q8
+
+    long_prompt = torch.randint(0, vocab, (1, LONG), generator=gen)
+    for bits, kind in zip(CACHE_BITS, (ExLlamaV2Cache, ExLlamaV2Cache_Q8, ExLlamaV2Cache_Q4)):
+        r[f"decode_long_{bits}"] = exllamav2_decode(model, long_prompt, steps, kind)
     model.unload()
     return r
 
 
-def exllamav2_decode(model, ids: torch.Tensor, steps: int) -> float:
-    """exllamav2's decode tokens/s per sequence: the prompts `ids` into a new cache, then `steps` single-token forwards,
-    less the prompt's time."""
+def exllamav2_decode(model, ids: torch.Tensor, steps: int, kind=None) -> float:
+    """exllamav2's decode tokens/s per sequence: the prompts `ids` into a new cache (ExLlamaV2Cache, or the class
+    `kind`), then `steps` single-token forwards, less the prompt's time."""
     from exllamav2 import ExLlamaV2Cache
 
-    cache = ExLlamaV2Cache(model, batch_size=ids.shape[0], max_seq_len=ids.shape[1] + steps + 8)
+    cache = (kind or ExLlamaV2Cache)(model, batch_size=ids.shape[0], max_seq_len=ids.shape[1] + steps + 8)
 
     def prefill_only():
         cache.current_seq_len = 0
@@ -323,7 +330,14 @@ def main():
         gbps = weight_bytes * r["decode_1"] / 1e9
         lines.append(f"| {name} | {r['load_s']:.1f} | {r['peak_gb']:.2f} | {r['prefill']:,.0f} | {r['decode_1']:.1f} | "
                      f"{gbps:.0f} | {gbps * 1e9 / COPY_BANDWIDTH:.1%} | {r['decode_4']:.1f} | {r['decode_16']:.1f} | "
-                     f"{r['decode_long']:.1f} | {r['ragged']:,.0f} |")
+                     f"{r['decode_long_16']:.1f} | {r['ragged']:,.0f} |")
+    lines += [f"\nBatch-1 decode after {LONG} tokens by KV cache, tok/s:\n",
+              "| cache | " + " | ".join(rows) + " | KV bytes per token |", "|---|" + "---:|" * (len(rows) + 1)]
+    kv = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"]
+    for bits in CACHE_BITS:
+        per_token = kv * (2 if bits == 16 else bits / 8 + 2 / 32)  # quantized: fp16 scales per 32 elements
+        lines.append(f"| {bits}-bit | " + " | ".join(f"{r[f'decode_long_{bits}']:.1f}" for r in rows.values())
+                     + f" | {per_token / 1024:.0f} KiB |")
     ours = rows["exlcore"]
     lines.append(f"\nexlcore generating the ragged prompts one after another: {ours['ragged_alone']:,.0f} tok/s.")
     lines.append(f"\nThe step's q_weight tensors ({ours['torch_read_bytes'] / 1e9:.2f} GB) read by one torch.sum each "

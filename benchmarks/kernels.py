@@ -14,6 +14,7 @@ import torch
 from core import COPY_BANDWIDTH
 from exl2 import BODY, HEAD, SHAPE, random_exl2
 
+from exlcore.cache import quantize
 from exlcore.ext import extension
 from exlcore.formats.qmatrix import QMatmul, matmul
 from exlcore.rope import RopeConfig, Rotary
@@ -64,20 +65,28 @@ def main():
             x = torch.randn(m, shapes[0][1], device="cuda", generator=gen).half()
             t = graph_time(lambda: matmul([mm for mm, _ in mats], x))
             print(f"| {name} | {m} | {t * 1e6:.1f} | {size / t / 1e9:.0f} | {size / t / COPY_BANDWIDTH:.0%} |", flush=True)
-    # Attention of this shape's heads, and of Gemma 2's (16 heads of 256 over 8 KV heads).
+    # Attention of this shape's heads, and of Gemma 2's (16 heads of 256 over 8 KV heads); this shape's over 8-
+    # and 4-bit caches too.
     counters = torch.zeros(32, dtype=torch.int32, device="cuda")
-    heads_of = ((SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], d, ""), (16, 8, 256, ", heads of 256"))
-    for heads, kv_heads, dim, label in heads_of:
+    heads_of = [(SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], d, bits, f", {bits}-bit cache" * (bits < 16))
+                for bits in (16, 8, 4)] + [(16, 8, 256, 16, ", heads of 256")]
+    for heads, kv_heads, dim, bits, label in heads_of:
         for kv_len, position in ((256, 200), (2048, 2000), (8192, 8000)):
             qh = torch.randn(1, heads, dim, device="cuda").half()
             kv_new = torch.randn(2, 1, kv_heads, dim, device="cuda").half()
-            cache = torch.randn(2, 1, kv_heads, kv_len, dim, device="cuda").half()
+            rows = torch.randn(2, 1, kv_heads, kv_len, dim, device="cuda").half()
+            if bits == 16:
+                caches, scales = (rows[0], rows[1]), ()
+            else:
+                codes, s = quantize(rows, bits)
+                caches, scales = (codes[0], codes[1]), (s[0], s[1])
             rotary = Rotary(RopeConfig(theta=500000.0), dim)
             rotary.prepare(kv_len, torch.device("cuda"))
             pos = torch.tensor([position], device="cuda")
-            t = graph_time(lambda: ext.decode_attention(qh, kv_new[0], kv_new[1], cache[0], cache[1], rotary.cos,
-                                                        rotary.sin, pos, kv_len, 0, dim**-0.5, 0.0, counters))
-            size = 2 * kv_heads * (position + 1) * dim * 2  # the visible keys and values, fp16
+            t = graph_time(lambda: ext.decode_attention(qh, kv_new[0], kv_new[1], *caches, rotary.cos, rotary.sin, pos,
+                                                        kv_len, 0, dim**-0.5, 0.0, counters, *scales))
+            per_row = dim * 2 if bits == 16 else dim * bits // 8 + dim // 32 * 2
+            size = 2 * kv_heads * (position + 1) * per_row  # the visible keys and values
             print(f"| decode attention, {position + 1} keys{label} | 1 | {t * 1e6:.1f} | {size / t / 1e9:.0f} | "
                   f"{size / t / COPY_BANDWIDTH:.0%} |")
     x = torch.randn(1, 1, h, device="cuda").half()
