@@ -31,7 +31,7 @@ for step in "$@"; do
       | tee "$OUT/bench_exl2.log" | tail -8 ;;
     bench-exl2-ours) python3 benchmarks/exl2.py --work "$HOME/bench" --out "$OUT/exl2" --skip-exllamav2 --profile 2>&1 \
       | tee "$OUT/bench_exl2.log" | tail -45 ;;
-    kernels) python3 benchmarks/kernels.py 2>    kernels) python3 benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -25 ;;1 | tee "$OUT/kernels.log" | tail -40 ;;
+    kernels) python3 benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     floor) python3 benchmarks/floor.py 2>&1 | tee "$OUT/floor.log" | tail -8 ;;
     fetch) python3 benchmarks/fetch.py 2>&1 | tee "$OUT/fetch.log" | tail -66 ;;
     persist) python3 benchmarks/persist.py 2>&1 | tee "$OUT/persist.log" | tail -44 ;;
