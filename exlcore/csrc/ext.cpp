@@ -305,3 +305,50 @@ torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k_n
     return out;
 }
 
+
+// GPTQ over rows b0 .. b1-1 (at most GPTQ_ROWS) of w (K, C); see gptq.cuh.
+void gptq_rows_(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& scale, const torch::Tensor& half,
+                const torch::Tensor& codes, const torch::Tensor& err, int64_t b0, int64_t b1) {
+    for (const auto* t : {&w, &u, &scale, &half, &err})
+        TORCH_CHECK(t->is_cuda() && t->dtype() == torch::kFloat && t->is_contiguous(), "gptq_rows: fp32 layout");
+    TORCH_CHECK(codes.dtype() == torch::kInt16 && codes.is_contiguous() && codes.sizes() == w.sizes(), "gptq_rows: codes");
+    const c10::cuda::CUDAGuard guard(w.device());
+    check(gptq_rows(w.data_ptr<float>(), u.data_ptr<float>(), scale.data_ptr<float>(), half.data_ptr<float>(),
+                    codes.data_ptr<int16_t>(), err.data_ptr<float>(), (int)w.size(0), (int)w.size(1), (int)b0,
+                    (int)(b1 - b0), at::cuda::getCurrentCUDAStream()),
+          "gptq_rows");
+}
+
+// w (rows, C), scales (P, C) fp32 -> (P, C) summed |error|^3.5; see gptq.cuh.
+torch::Tensor scale_errors_(const torch::Tensor& w, const torch::Tensor& scales, int64_t half, int64_t top) {
+    TORCH_CHECK(w.is_cuda() && w.dtype() == torch::kFloat && scales.dtype() == torch::kFloat && w.dim() == 2 &&
+                    scales.dim() == 2 && scales.size(1) == w.size(1),
+                "scale_errors: fp32 (rows, C) and (P, C)");
+    const c10::cuda::CUDAGuard guard(w.device());
+    auto wc = w.contiguous(), sc = scales.contiguous();
+    auto err = torch::empty_like(sc);
+    check(scale_errors(wc.data_ptr<float>(), sc.data_ptr<float>(), err.data_ptr<float>(), (int)w.size(0),
+                       (int)w.size(1), (int)sc.size(0), (float)half, (float)top, at::cuda::getCurrentCUDAStream()),
+          "scale_errors");
+    return err;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("qm_matmul", &qm_matmul, "x @ W^T for packed EXL2/GPTQ matrices sharing x");
+    m.def("qm_weight", &qm_weight, "W^T (K, N) fp16 of a packed matrix, in input-channel order");
+    m.def("rms_norm", &rms_norm_, "RMSNorm over the last dimension, fp32 math");
+    m.def("add_rms_norm", &add_rms_norm_, "(x + h, RMSNorm(x + h)): the residual add before a norm, one launch");
+    m.def("rotary_", &rotary_, "rotary embedding in place, rotate-half layout");
+    m.def("rotary_cache_", &rotary_cache_, "rotary on q in place and on k into the KV cache beside v, one launch");
+    m.def("act_mul", &act_mul_, "act(gate) * up; act 0 = SiLU, 1 = tanh GELU");
+    m.def("argmax", &argmax_, "argmax over the last dimension of a (rows, n) tensor, as torch.argmax");
+    m.def("decode_attention", &decode_attention_,
+          "single-query attention over a KV cache, split over keys, with the step's rotary and cache write",
+          py::arg("q"), py::arg("k_new"), py::arg("v_new"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"),
+          py::arg("positions"), py::arg("kv_len"), py::arg("window"), py::arg("scale"), py::arg("softcap"),
+          py::arg("counters"), py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none());
+    m.def("gptq_rows", &gptq_rows_, "GPTQ over a block of up to 32 rows, in place");
+    m.def("scale_errors", &scale_errors_, "EXL2 scale search: summed |error|^3.5 per candidate scale");
+}
