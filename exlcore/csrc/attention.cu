@@ -458,6 +458,31 @@ __device__ __forceinline__ float hadamard32(float x) {
     return x * 0.17677669529663687f;  // 32^-0.5
 }
 
+// A group of 32 times H where a quad's lanes hold 8 elements each, as mma fragments hold a row: v[i] is element
+// (i & 1) + 2 t + 8 (i >> 1 & 1) + 16 (i >> 2) of lane t of the quad. A butterfly per bit of the element's index:
+// bits 0, 3 and 4 within the lane's registers, bits 1 and 2 across the quad.
+__device__ __forceinline__ void hadamard_quad(float (&v)[8]) {
+#pragma unroll
+    for (int m = 1; m < 8; m <<= 1)
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (!(i & m)) {
+                const float a = v[i], b = v[i | m];
+                v[i] = a + b;
+                v[i | m] = a - b;
+            }
+    const int t = threadIdx.x % 4;
+#pragma unroll
+    for (int m = 1; m < 4; m <<= 1)
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const float y = __shfl_xor_sync(0xFFFFFFFFu, v[i], m);
+            v[i] = t & m ? y - v[i] : v[i] + y;
+        }
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] *= 0.17677669529663687f;
+}
+
 // This lane's code (offset) of the group the warp's lanes hold one element each, already rotated, and its scale.
 template <int BITS>
 __device__ __forceinline__ uint32_t quantize32(float x, half& scale) {
@@ -469,12 +494,31 @@ __device__ __forceinline__ uint32_t quantize32(float x, half& scale) {
 
 // 16 codes (BITS * 2 bytes from `codes`) times scale s as 16 elements of T in out: exact products, rounded once.
 template <typename T, int BITS>
-__device__ __forceinline__ void dequantize16(const uint8_t* codes, float s, uint32_t (&out)[8]) {
+__device__ __forceinline__ void dequantize16(const uint8_t* codes, half s, uint32_t (&out)[8]) {
     uint32_t w[BITS / 2];
     if constexpr (BITS == 8) *reinterpret_cast<uint4*>(w) = *reinterpret_cast<const uint4*>(codes);
     else *reinterpret_cast<uint2*>(w) = *reinterpret_cast<const uint2*>(codes);
+    if constexpr (std::is_same_v<T, half>) {
+        // A pair of codes c as the halves 1024 + c (their bits ORed into the mantissas), less 1024 and the offset
+        // (exact), times s (rounded once): three instructions a pair.
+        const half2 base = __float2half2_rn(1024.f + (1 << (BITS - 1))), s2 = __half2half2(s);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            uint32_t x;
+            if constexpr (BITS == 8) {
+                x = __byte_perm(w[e / 2], 0x64646464u, e % 2 ? 0x4342 : 0x4140);
+            } else {
+                const uint32_t b = w[e / 4] >> (8 * (e % 4));
+                x = (b & 0xFu) | (b << 12 & 0xF0000u) | 0x64006400u;
+            }
+            const half2 h = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&x), base), s2);
+            out[e] = *reinterpret_cast<const uint32_t*>(&h);
+        }
+        return;
+    }
     // A code c as the float 2^23 + c (its bits ORed into the mantissa), less the offset: exact, and no I2F.
     constexpr float BASE = 8388608.f + (1 << (BITS - 1));
+    const float sf = __half2float(s);
 #pragma unroll
     for (int e = 0; e < 8; e++) {
         uint32_t c0, c1;
@@ -485,8 +529,8 @@ __device__ __forceinline__ void dequantize16(const uint8_t* codes, float s, uint
             c0 = w[e / 4] >> (8 * (e % 4)) & 0xF;
             c1 = w[e / 4] >> (8 * (e % 4) + 4) & 0xF;
         }
-        out[e] = pack2<T>((__uint_as_float(0x4B000000u | c0) - BASE) * s,
-                          (__uint_as_float(0x4B000000u | c1) - BASE) * s);
+        out[e] = pack2<T>((__uint_as_float(0x4B000000u | c0) - BASE) * sf,
+                          (__uint_as_float(0x4B000000u | c1) - BASE) * sf);
     }
 }
 
@@ -605,22 +649,30 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
                                    });
     }
     __syncthreads();
-    if constexpr (Q) {  // q times H, a group per warp at a time
-#pragma unroll 1
-        for (int i = warp; i < G * SB; i += WARPS) {
-            float* x = qs + i * KV_GROUP + lane;
-            *x = hadamard32(*x);
-        }
-        __syncthreads();
-    }
     uint32_t qa[NT / 2][2];  // q as A fragments, one per 16 dimensions
+    if constexpr (Q) {  // H q, a group of 32 (two fragments) at a time
 #pragma unroll
-    for (int s = 0; s < NT / 2; s++) {
-        qa[s][0] = qa[s][1] = 0u;
-        if (g < G && 16 * s < D) {
-            const float* row = qs + g * D + 16 * s + 2 * t;
-            qa[s][0] = pack2<T>(row[0], row[1]);
-            qa[s][1] = pack2<T>(row[8], row[9]);
+        for (int c = 0; c < NT / 4; c++) {
+            if (32 * c >= D) break;
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                v[i] = g < G ? qs[g * D + 32 * c + 16 * (i >> 2) + 8 * (i >> 1 & 1) + 2 * t + (i & 1)] : 0.f;
+            hadamard_quad(v);
+            qa[2 * c][0] = pack2<T>(v[0], v[1]);
+            qa[2 * c][1] = pack2<T>(v[2], v[3]);
+            qa[2 * c + 1][0] = pack2<T>(v[4], v[5]);
+            qa[2 * c + 1][1] = pack2<T>(v[6], v[7]);
+        }
+    } else {
+#pragma unroll
+        for (int s = 0; s < NT / 2; s++) {
+            qa[s][0] = qa[s][1] = 0u;
+            if (g < G && 16 * s < D) {
+                const float* row = qs + g * D + 16 * s + 2 * t;
+                qa[s][0] = pack2<T>(row[0], row[1]);
+                qa[s][1] = pack2<T>(row[8], row[9]);
+            }
         }
     }
 
@@ -629,6 +681,8 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     float o[NT][4] = {}, top_so_far = -INFINITY, total_so_far = 0.f;
     const int pos_tile = job.staged ? (int)(pos - j0) / MMA_TILE - first_tile : -1, kw = warp * 16;
     const int m = lane / 8, r = lane % 8;  // the matrix and row whose address this lane gives to ldmatrix
+    // Quantized: a row's 16-element pieces to row_lanes lanes, lane_rows rows at a time (lanes past them idle).
+    const int row_lanes = D / 16, lane_rows = 32 / row_lanes, lane_row = lane / row_lanes, lane_piece = lane % row_lanes;
 #pragma unroll 1
     for (int i = 0; i < tiles; i++) {
         const int base = j0 + (first_tile + i) * MMA_TILE;
@@ -661,20 +715,20 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
         // The warp's 16 keys and values: in the ring, or dequantized into the warp's own pair of tiles.
         T* kt = Q ? warp_tiles + warp * 2 * 16 * pitch : ks + kw * pitch;
         T* vt = Q ? kt + 16 * pitch : vs + kw * pitch;
-        if constexpr (Q) {  // 16 elements a lane at a time
-            const int per_row = D / 16;
+        if constexpr (Q) {  // 16 elements a lane at a time: rows of keys then values, row_lanes lanes a row
             __syncwarp();  // every lane past the last tile's ldmatrix
+            if (lane_row < lane_rows)
 #pragma unroll 1
-            for (int e = lane; e < 2 * 16 * per_row; e += 32) {
-                const int value = e / (16 * per_row), key = e / per_row % 16, c = e % per_row, j = base + kw + key;
-                const int row = value * MMA_TILE + kw + key;
-                uint32_t w[8];
-                dequantize16<T, BITS>(slot + row * CB + c * 2 * BITS, __half2float(slot_scales[row * SB + c / 2]), w);
-                if (j < lo || j >= hi) w[0] = w[1] = w[2] = w[3] = w[4] = w[5] = w[6] = w[7] = 0u;
-                uint4* to = reinterpret_cast<uint4*>((value ? vt : kt) + key * pitch + 16 * c);
-                to[0] = make_uint4(w[0], w[1], w[2], w[3]);
-                to[1] = make_uint4(w[4], w[5], w[6], w[7]);
-            }
+                for (int rr = lane_row; rr < 32; rr += lane_rows) {
+                    const int value = rr / 16, key = rr % 16, c = lane_piece, j = base + kw + key;
+                    const int row = value * MMA_TILE + kw + key;
+                    uint32_t w[8];
+                    dequantize16<T, BITS>(slot + row * CB + c * 2 * BITS, slot_scales[row * SB + c / 2], w);
+                    if (j < lo || j >= hi) w[0] = w[1] = w[2] = w[3] = w[4] = w[5] = w[6] = w[7] = 0u;
+                    uint4* to = reinterpret_cast<uint4*>((value ? vt : kt) + key * pitch + 16 * c);
+                    to[0] = make_uint4(w[0], w[1], w[2], w[3]);
+                    to[1] = make_uint4(w[4], w[5], w[6], w[7]);
+                }
             __syncwarp();
         }
 
@@ -741,6 +795,18 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
 #pragma unroll
     for (int w = 0; w < WARPS; w++) most = fmaxf(most, warp_top[w][g]);
     const float f = top_so_far > -INFINITY ? __expf(top_so_far - most) : 0.f;
+    if constexpr (Q) {  // the sums of H v: H again gives v's
+#pragma unroll
+        for (int c = 0; c < NT / 4; c++) {
+            if (32 * c >= D) break;
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = o[4 * c + (i >> 1)][i & 1];
+            hadamard_quad(v);
+#pragma unroll
+            for (int i = 0; i < 8; i++) o[4 * c + (i >> 1)][i & 1] = v[i];
+        }
+    }
     if (g < G)
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
@@ -748,14 +814,6 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
             sums[(warp * GROUP + g) * D + 8 * nt + 2 * t] = o[nt][0] * f;
             sums[(warp * GROUP + g) * D + 8 * nt + 2 * t + 1] = o[nt][1] * f;
         }
-    if constexpr (Q) {  // H o back to o, the warp's own rows
-        __syncwarp();
-#pragma unroll 1
-        for (int i = 0; i < G * SB; i++) {
-            float* x = sums + warp * GROUP * D + i * KV_GROUP + lane;
-            *x = hadamard32(*x);
-        }
-    }
     if (warp == 0 && t == 0) {
         float sum = 0.f;
 #pragma unroll
