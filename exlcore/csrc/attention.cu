@@ -492,12 +492,9 @@ __device__ __forceinline__ uint32_t quantize32(float x, half& scale) {
     return (uint32_t)((s > 0.f ? fminf(fmaxf(rintf(x / s), -QMAX), QMAX) : 0.f) + QMAX + 1.f);
 }
 
-// 16 codes (BITS * 2 bytes from `codes`) times scale s as 16 elements of T in out: exact products, rounded once.
+// 16 codes (w: BITS * 2 bytes) times scale s as 16 elements of T in out: exact products, rounded once.
 template <typename T, int BITS>
-__device__ __forceinline__ void dequantize16(const uint8_t* codes, half s, uint32_t (&out)[8]) {
-    uint32_t w[BITS / 2];
-    if constexpr (BITS == 8) *reinterpret_cast<uint4*>(w) = *reinterpret_cast<const uint4*>(codes);
-    else *reinterpret_cast<uint2*>(w) = *reinterpret_cast<const uint2*>(codes);
+__device__ __forceinline__ void dequantize16(const uint32_t (&w)[BITS / 2], half s, uint32_t (&out)[8]) {
     if constexpr (std::is_same_v<T, half>) {
         // A pair of codes c as the halves 1024 + c (their bits ORed into the mantissas), less 1024 and the offset
         // (exact), times s (rounded once): three instructions a pair.
@@ -585,15 +582,17 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
                 const int base = j0 + (first_tile + i) * MMA_TILE;
                 const int code_pieces = MMA_TILE * CB / 16, scale_pieces = MMA_TILE * SB / 8;
                 char* slot = reinterpret_cast<char*>(smem) + (i % stages) * slot_bytes;
+                const uint8_t *kf = kq + (size_t)base * CB, *vf = vq + (size_t)base * CB;
 #pragma unroll 1
-                for (int u = tid; u < 2 * (code_pieces + scale_pieces); u += THREADS) {
-                    const bool code = u < 2 * code_pieces;
-                    const int n = code ? code_pieces : scale_pieces, w = code ? u : u - 2 * code_pieces;
-                    const int value = w / n, e = w % n;
-                    const char* from = code ? reinterpret_cast<const char*>((value ? vq : kq) + (size_t)base * CB)
-                                            : reinterpret_cast<const char*>((value ? vsc : ksc) + (size_t)base * SB);
-                    char* to = slot + (code ? value * MMA_TILE * CB : 2 * MMA_TILE * CB + value * MMA_TILE * SB * 2);
-                    copy16(to + 16 * e, from + 16 * e);
+                for (int u = tid; u < code_pieces; u += THREADS) {
+                    copy16(slot + 16 * u, kf + 16 * u);
+                    copy16(slot + MMA_TILE * CB + 16 * u, vf + 16 * u);
+                }
+                const half *ksf = ksc + (size_t)base * SB, *vsf = vsc + (size_t)base * SB;
+                char* scales = slot + 2 * MMA_TILE * CB;
+                for (int u = tid; u < scale_pieces; u += THREADS) {
+                    copy16(scales + 16 * u, ksf + 8 * u);
+                    copy16(scales + MMA_TILE * SB * 2 + 16 * u, vsf + 8 * u);
                 }
             }
         } else if (i < tiles) {
@@ -716,18 +715,32 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
         T* kt = Q ? warp_tiles + warp * 2 * 16 * pitch : ks + kw * pitch;
         T* vt = Q ? kt + 16 * pitch : vs + kw * pitch;
         if constexpr (Q) {  // 16 elements a lane at a time: rows of keys then values, row_lanes lanes a row
+            constexpr int BATCH = 4;  // rows whose loads are in flight together
             __syncwarp();  // every lane past the last tile's ldmatrix
             if (lane_row < lane_rows)
 #pragma unroll 1
-                for (int rr = lane_row; rr < 32; rr += lane_rows) {
-                    const int value = rr / 16, key = rr % 16, c = lane_piece, j = base + kw + key;
-                    const int row = value * MMA_TILE + kw + key;
-                    uint32_t w[8];
-                    dequantize16<T, BITS>(slot + row * CB + c * 2 * BITS, slot_scales[row * SB + c / 2], w);
-                    if (j < lo || j >= hi) w[0] = w[1] = w[2] = w[3] = w[4] = w[5] = w[6] = w[7] = 0u;
-                    uint4* to = reinterpret_cast<uint4*>((value ? vt : kt) + key * pitch + 16 * c);
-                    to[0] = make_uint4(w[0], w[1], w[2], w[3]);
-                    to[1] = make_uint4(w[4], w[5], w[6], w[7]);
+                for (int r0 = lane_row; r0 < 32; r0 += BATCH * lane_rows) {
+                    uint32_t codes[BATCH][BITS / 2];
+                    half scales[BATCH];
+#pragma unroll
+                    for (int b = 0; b < BATCH; b++) {
+                        const int rr = min(r0 + b * lane_rows, 31), row = rr / 16 * MMA_TILE + kw + rr % 16;
+                        const uint8_t* from = slot + row * CB + lane_piece * 2 * BITS;
+                        if constexpr (BITS == 8) *reinterpret_cast<uint4*>(codes[b]) = *reinterpret_cast<const uint4*>(from);
+                        else *reinterpret_cast<uint2*>(codes[b]) = *reinterpret_cast<const uint2*>(from);
+                        scales[b] = slot_scales[row * SB + lane_piece / 2];
+                    }
+#pragma unroll
+                    for (int b = 0; b < BATCH; b++) {
+                        const int rr = r0 + b * lane_rows, key = rr % 16, j = base + kw + key;
+                        if (rr >= 32) break;
+                        uint32_t w[8];
+                        dequantize16<T, BITS>(codes[b], scales[b], w);
+                        if (j < lo || j >= hi) w[0] = w[1] = w[2] = w[3] = w[4] = w[5] = w[6] = w[7] = 0u;
+                        uint4* to = reinterpret_cast<uint4*>((rr < 16 ? kt : vt) + key * pitch + 16 * lane_piece);
+                        to[0] = make_uint4(w[0], w[1], w[2], w[3]);
+                        to[1] = make_uint4(w[4], w[5], w[6], w[7]);
+                    }
                 }
             __syncwarp();
         }
