@@ -13,6 +13,7 @@ def register(sub):
 
 
 def info(args):
+    from exlcore.cache import GROUP
     from exlcore.generator import default_seq_len
     from exlcore.info import inspect
 
@@ -30,6 +31,9 @@ def info(args):
                                        if g.bytes))
     print(f"memory        weights {i.file_bytes / 2**30:.2f} GiB + KV cache {kv / 2**30:.2f} GiB "
           f"at {context} tokens (fp16) = {(i.file_bytes + kv) / 2**30:.2f} GiB")
+    if c.head_dim % GROUP == 0:
+        print("kv cache      " + ", ".join(f"{bits}-bit {i.kv_bytes_per_token(bits) * context / 2**30:.2f} GiB"
+                                          for bits in (8, 4)) + " with --cache-bits")
 
 
 def list_plugins(args):

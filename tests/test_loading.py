@@ -97,6 +97,15 @@ def test_exl_info(tmp_path, tiny_tokenizer_dir, capsys):
     assert "format        f32" in out and "self_attn.q_proj 32.00" in out
     kv = 2 * 3 * 2 * 16 * 2 * 1000
     assert f"KV cache {kv / 2**30:.2f} GiB at 1000 tokens" in out
+    assert "kv cache" not in out  # heads of 16: no quantized cache
+
+
+def test_exl_info_quantized_cache_sizes(tmp_path, tiny_tokenizer_dir, capsys):
+    make_tiny("llama", tmp_path, tiny_tokenizer_dir, head_dim=32)
+    assert main(["info", "-m", str(tmp_path), "--context", "100000"]) == 0
+    elements = 2 * 3 * 2 * 32 * 100000  # keys and values: layers, kv heads, head size, tokens
+    want = ", ".join(f"{bits}-bit {elements * (bits / 8 + 2 / 32) / 2**30:.2f} GiB" for bits in (8, 4))
+    assert f"kv cache      {want} with --cache-bits" in capsys.readouterr().out
 
 
 def test_exl_generate(tmp_path, tiny_tokenizer_dir, capsys):
