@@ -114,7 +114,7 @@ __device__ __forceinline__ bool rotary_rows(const float* cos, const float* sin, 
 // rotary would store it) into qs (G, D) as fp32; k rotated and v into the cache by the writer, and to stage_row(u, d,
 // k, v) for dimension d = threadIdx.x + u THREADS in the block that stages them. Every load is issued before the first
 // store (indices past the end clamped to the last element), so all take one round trip. kb, vb: the caches of the
-// job's KV head. QUANTIZED: the caches are not T rows; stage_row takes the writer's rows too, and writes them.
+// job's KV head. QUANTIZED: the caches are not T rows, and stage_row takes the writer's rows too.
 template <typename T, int MAX_D, int GROUP, bool QUANTIZED = false, typename Staged>
 __device__ __forceinline__ void new_token(const T* q, const T* k_new, const T* v_new, T* kb, T* vb, const Job& job,
                                           int H, int KVH, int D, const float (*table)[DA_MAX_D], float* qs,
@@ -459,7 +459,8 @@ __device__ __forceinline__ float hadamard32(float x) {
 }
 
 // A group of 32 times H where a quad's lanes hold 8 elements each, as mma fragments hold a row: v[i] is element
-// (i & 1) + 2 t + 8 (i >> 1 & 1) + 16 (i >> 2) of lane t of the quad. A butterfly per bit of the element's index:
+// (i & 1) + 2 t + 8 (i >> 1 & 1) + 16 (i >> 2) of lane t of the quad (and a row's elements in shared memory are read
+// so, a row a quad). A butterfly per bit of the element's index:
 // bits 0, 3 and 4 within the lane's registers, bits 1 and 2 across the quad.
 __device__ __forceinline__ void hadamard_quad(float (&v)[8]) {
 #pragma unroll
@@ -590,6 +591,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
                 }
                 const half *ksf = ksc + (size_t)base * SB, *vsf = vsc + (size_t)base * SB;
                 char* scales = slot + 2 * MMA_TILE * CB;
+#pragma unroll 1
                 for (int u = tid; u < scale_pieces; u += THREADS) {
                     copy16(scales + 16 * u, ksf + 8 * u);
                     copy16(scales + MMA_TILE * SB * 2 + 16 * u, vsf + 8 * u);
@@ -622,56 +624,58 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     // Quantized: its codes (a byte; at 4 bits the even lane's holds its odd neighbour's in the high nibble) and scales.
     uint32_t k_code[Q ? PER_ROW : 1], v_code[Q ? PER_ROW : 1];
     half k_scale[Q ? PER_ROW : 1], v_scale[Q ? PER_ROW : 1];
-    if constexpr (Q) {
-        new_token<T, MAX_D, GROUP, true>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
-                                         [&](int u, int d, T kd, T vd) {
-            k_code[u] = quantize32<BITS>(hadamard32(to_float(kd)), k_scale[u]);
-            v_code[u] = quantize32<BITS>(hadamard32(to_float(vd)), v_scale[u]);
-            if constexpr (BITS == 4) {
-                k_code[u] |= __shfl_down_sync(0xFFFFFFFFu, k_code[u], 1) << 4;
-                v_code[u] |= __shfl_down_sync(0xFFFFFFFFu, v_code[u], 1) << 4;
+    new_token<T, MAX_D, GROUP, Q>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
+                                  [&](int u, int, T kd, T vd) {
+                                      k_row[u] = kd;
+                                      v_row[u] = vd;
+                                  });
+    if constexpr (Q) {  // its rows coded as exlcore.cache.quantize codes them, a group a warp (outside new_token's
+                        // loop, whose exit at D the compiler cannot tell is the warp's: so no collective shuffles)
+        if (job.writer || job.staged)
+#pragma unroll
+            for (int u = 0; u < PER_ROW; u++) {
+                const int d = tid + u * THREADS;
+                k_code[u] = quantize32<BITS>(hadamard32(d < D ? to_float(k_row[u]) : 0.f), k_scale[u]);
+                v_code[u] = quantize32<BITS>(hadamard32(d < D ? to_float(v_row[u]) : 0.f), v_scale[u]);
+                if constexpr (BITS == 4) {
+                    k_code[u] |= __shfl_down_sync(0xFFFFFFFFu, k_code[u], 1) << 4;
+                    v_code[u] |= __shfl_down_sync(0xFFFFFFFFu, v_code[u], 1) << 4;
+                }
+                if (job.writer && d < D && d % (8 / BITS) == 0) {
+                    kq[(size_t)pos * CB + d * BITS / 8] = (uint8_t)k_code[u];
+                    vq[(size_t)pos * CB + d * BITS / 8] = (uint8_t)v_code[u];
+                }
+                if (job.writer && d < D && d % KV_GROUP == 0) {
+                    ksc[(size_t)pos * SB + d / KV_GROUP] = k_scale[u];
+                    vsc[(size_t)pos * SB + d / KV_GROUP] = v_scale[u];
+                }
             }
-            if (job.writer && d % (8 / BITS) == 0) {
-                kq[(size_t)pos * CB + d * BITS / 8] = (uint8_t)k_code[u];
-                vq[(size_t)pos * CB + d * BITS / 8] = (uint8_t)v_code[u];
-            }
-            if (job.writer && d % KV_GROUP == 0) {
-                ksc[(size_t)pos * SB + d / KV_GROUP] = k_scale[u];
-                vsc[(size_t)pos * SB + d / KV_GROUP] = v_scale[u];
-            }
-        });
-    } else {
-        new_token<T, MAX_D, GROUP>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
-                                   [&](int u, int, T kd, T vd) {
-                                       k_row[u] = kd;
-                                       v_row[u] = vd;
-                                   });
     }
     __syncthreads();
-    uint32_t qa[NT / 2][2];  // q as A fragments, one per 16 dimensions
-    if constexpr (Q) {  // H q, a group of 32 (two fragments) at a time
-#pragma unroll
-        for (int c = 0; c < NT / 4; c++) {
-            if (32 * c >= D) break;
+    if constexpr (Q) {  // H q, warp w taking groups w, w + WARPS, ... of every row (a row a quad)
+#pragma unroll 1
+        for (int c0 = 0; c0 < SB; c0 += WARPS) {  // the same trips in every warp: no collective shuffles
+            const int c = c0 + warp;
+            float* row = qs + g * D + KV_GROUP * c + 2 * t;
             float v[8];
 #pragma unroll
             for (int i = 0; i < 8; i++)
-                v[i] = g < G ? qs[g * D + 32 * c + 16 * (i >> 2) + 8 * (i >> 1 & 1) + 2 * t + (i & 1)] : 0.f;
+                v[i] = g < G && c < SB ? row[16 * (i >> 2) + 8 * (i >> 1 & 1) + (i & 1)] : 0.f;
             hadamard_quad(v);
-            qa[2 * c][0] = pack2<T>(v[0], v[1]);
-            qa[2 * c][1] = pack2<T>(v[2], v[3]);
-            qa[2 * c + 1][0] = pack2<T>(v[4], v[5]);
-            qa[2 * c + 1][1] = pack2<T>(v[6], v[7]);
-        }
-    } else {
+            if (g < G && c < SB)
 #pragma unroll
-        for (int s = 0; s < NT / 2; s++) {
-            qa[s][0] = qa[s][1] = 0u;
-            if (g < G && 16 * s < D) {
-                const float* row = qs + g * D + 16 * s + 2 * t;
-                qa[s][0] = pack2<T>(row[0], row[1]);
-                qa[s][1] = pack2<T>(row[8], row[9]);
-            }
+                for (int i = 0; i < 8; i++) row[16 * (i >> 2) + 8 * (i >> 1 & 1) + (i & 1)] = v[i];
+        }
+        __syncthreads();
+    }
+    uint32_t qa[NT / 2][2];  // q as A fragments, one per 16 dimensions
+#pragma unroll
+    for (int s = 0; s < NT / 2; s++) {
+        qa[s][0] = qa[s][1] = 0u;
+        if (g < G && 16 * s < D) {
+            const float* row = qs + g * D + 16 * s + 2 * t;
+            qa[s][0] = pack2<T>(row[0], row[1]);
+            qa[s][1] = pack2<T>(row[8], row[9]);
         }
     }
 
@@ -808,18 +812,6 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
 #pragma unroll
     for (int w = 0; w < WARPS; w++) most = fmaxf(most, warp_top[w][g]);
     const float f = top_so_far > -INFINITY ? __expf(top_so_far - most) : 0.f;
-    if constexpr (Q) {  // the sums of H v: H again gives v's
-#pragma unroll
-        for (int c = 0; c < NT / 4; c++) {
-            if (32 * c >= D) break;
-            float v[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++) v[i] = o[4 * c + (i >> 1)][i & 1];
-            hadamard_quad(v);
-#pragma unroll
-            for (int i = 0; i < 8; i++) o[4 * c + (i >> 1)][i & 1] = v[i];
-        }
-    }
     if (g < G)
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
@@ -827,6 +819,20 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
             sums[(warp * GROUP + g) * D + 8 * nt + 2 * t] = o[nt][0] * f;
             sums[(warp * GROUP + g) * D + 8 * nt + 2 * t + 1] = o[nt][1] * f;
         }
+    if constexpr (Q) {  // the warp's sums of H v: H again gives v's
+        __syncwarp();
+#pragma unroll 1
+        for (int c = 0; c < SB; c++) {
+            float* row = sums + (warp * GROUP + g) * D + KV_GROUP * c + 2 * t;
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = g < G ? row[16 * (i >> 2) + 8 * (i >> 1 & 1) + (i & 1)] : 0.f;
+            hadamard_quad(v);
+            if (g < G)
+#pragma unroll
+                for (int i = 0; i < 8; i++) row[16 * (i >> 2) + 8 * (i >> 1 & 1) + (i & 1)] = v[i];
+        }
+    }
     if (warp == 0 && t == 0) {
         float sum = 0.f;
 #pragma unroll
