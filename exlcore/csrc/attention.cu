@@ -459,8 +459,7 @@ __device__ __forceinline__ float hadamard32(float x) {
 }
 
 // A group of 32 times H where a quad's lanes hold 8 elements each, as mma fragments hold a row: v[i] is element
-// (i & 1) + 2 t + 8 (i >> 1 & 1) + 16 (i >> 2) of lane t of the quad (and a row's elements in shared memory are read
-// so, a row a quad). A butterfly per bit of the element's index:
+// (i & 1) + 2 t + 8 (i >> 1 & 1) + 16 (i >> 2) of lane t of the quad. A butterfly per bit of the element's index:
 // bits 0, 3 and 4 within the lane's registers, bits 1 and 2 across the quad.
 __device__ __forceinline__ void hadamard_quad(float (&v)[8]) {
 #pragma unroll
@@ -652,30 +651,30 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
             }
     }
     __syncthreads();
-    if constexpr (Q) {  // H q, warp w taking groups w, w + WARPS, ... of every row (a row a quad)
-#pragma unroll 1
-        for (int c0 = 0; c0 < SB; c0 += WARPS) {  // the same trips in every warp: no collective shuffles
-            const int c = c0 + warp;
-            float* row = qs + g * D + KV_GROUP * c + 2 * t;
+    uint32_t qa[NT / 2][2];  // q as A fragments, one per 16 dimensions
+    if constexpr (Q) {  // H q, a group of 32 (two fragments) at a time
+#pragma unroll
+        for (int c = 0; c < NT / 4; c++) {
+            if (32 * c >= D) break;
             float v[8];
 #pragma unroll
             for (int i = 0; i < 8; i++)
-                v[i] = g < G && c < SB ? row[16 * (i >> 2) + 8 * (i >> 1 & 1) + (i & 1)] : 0.f;
+                v[i] = g < G ? qs[g * D + 32 * c + 16 * (i >> 2) + 8 * (i >> 1 & 1) + 2 * t + (i & 1)] : 0.f;
             hadamard_quad(v);
-            if (g < G && c < SB)
-#pragma unroll
-                for (int i = 0; i < 8; i++) row[16 * (i >> 2) + 8 * (i >> 1 & 1) + (i & 1)] = v[i];
+            qa[2 * c][0] = pack2<T>(v[0], v[1]);
+            qa[2 * c][1] = pack2<T>(v[2], v[3]);
+            qa[2 * c + 1][0] = pack2<T>(v[4], v[5]);
+            qa[2 * c + 1][1] = pack2<T>(v[6], v[7]);
         }
-        __syncthreads();
-    }
-    uint32_t qa[NT / 2][2];  // q as A fragments, one per 16 dimensions
+    } else {
 #pragma unroll
-    for (int s = 0; s < NT / 2; s++) {
-        qa[s][0] = qa[s][1] = 0u;
-        if (g < G && 16 * s < D) {
-            const float* row = qs + g * D + 16 * s + 2 * t;
-            qa[s][0] = pack2<T>(row[0], row[1]);
-            qa[s][1] = pack2<T>(row[8], row[9]);
+        for (int s = 0; s < NT / 2; s++) {
+            qa[s][0] = qa[s][1] = 0u;
+            if (g < G && 16 * s < D) {
+                const float* row = qs + g * D + 16 * s + 2 * t;
+                qa[s][0] = pack2<T>(row[0], row[1]);
+                qa[s][1] = pack2<T>(row[8], row[9]);
+            }
         }
     }
 
@@ -812,6 +811,18 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
 #pragma unroll
     for (int w = 0; w < WARPS; w++) most = fmaxf(most, warp_top[w][g]);
     const float f = top_so_far > -INFINITY ? __expf(top_so_far - most) : 0.f;
+    if constexpr (Q) {  // the sums of H v: H again gives v's
+#pragma unroll
+        for (int c = 0; c < NT / 4; c++) {
+            if (32 * c >= D) break;
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = o[4 * c + (i >> 1)][i & 1];
+            hadamard_quad(v);
+#pragma unroll
+            for (int i = 0; i < 8; i++) o[4 * c + (i >> 1)][i & 1] = v[i];
+        }
+    }
     if (g < G)
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
@@ -819,20 +830,6 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
             sums[(warp * GROUP + g) * D + 8 * nt + 2 * t] = o[nt][0] * f;
             sums[(warp * GROUP + g) * D + 8 * nt + 2 * t + 1] = o[nt][1] * f;
         }
-    if constexpr (Q) {  // the warp's sums of H v: H again gives v's
-        __syncwarp();
-#pragma unroll 1
-        for (int c = 0; c < SB; c++) {
-            float* row = sums + (warp * GROUP + g) * D + KV_GROUP * c + 2 * t;
-            float v[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++) v[i] = g < G ? row[16 * (i >> 2) + 8 * (i >> 1 & 1) + (i & 1)] : 0.f;
-            hadamard_quad(v);
-            if (g < G)
-#pragma unroll
-                for (int i = 0; i < 8; i++) row[16 * (i >> 2) + 8 * (i >> 1 & 1) + (i & 1)] = v[i];
-        }
-    }
     if (warp == 0 && t == 0) {
         float sum = 0.f;
 #pragma unroll
