@@ -114,7 +114,7 @@ __device__ __forceinline__ bool rotary_rows(const float* cos, const float* sin, 
 // rotary would store it) into qs (G, D) as fp32; k rotated and v into the cache by the writer, and to stage_row(u, d,
 // k, v) for dimension d = threadIdx.x + u THREADS in the block that stages them. Every load is issued before the first
 // store (indices past the end clamped to the last element), so all take one round trip. kb, vb: the caches of the
-// job's KV head. QUANTIZED: the caches are not T rows, and stage_row takes the writer's rows too.
+// job's KV head. QUANTIZED: the caches are not T rows; stage_row takes the writer's rows too, and writes them.
 template <typename T, int MAX_D, int GROUP, bool QUANTIZED = false, typename Staged>
 __device__ __forceinline__ void new_token(const T* q, const T* k_new, const T* v_new, T* kb, T* vb, const Job& job,
                                           int H, int KVH, int D, const float (*table)[DA_MAX_D], float* qs,
@@ -590,7 +590,6 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
                 }
                 const half *ksf = ksc + (size_t)base * SB, *vsf = vsc + (size_t)base * SB;
                 char* scales = slot + 2 * MMA_TILE * CB;
-#pragma unroll 1
                 for (int u = tid; u < scale_pieces; u += THREADS) {
                     copy16(scales + 16 * u, ksf + 8 * u);
                     copy16(scales + MMA_TILE * SB * 2 + 16 * u, vsf + 8 * u);
@@ -623,32 +622,30 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     // Quantized: its codes (a byte; at 4 bits the even lane's holds its odd neighbour's in the high nibble) and scales.
     uint32_t k_code[Q ? PER_ROW : 1], v_code[Q ? PER_ROW : 1];
     half k_scale[Q ? PER_ROW : 1], v_scale[Q ? PER_ROW : 1];
-    new_token<T, MAX_D, GROUP, Q>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
-                                  [&](int u, int, T kd, T vd) {
-                                      k_row[u] = kd;
-                                      v_row[u] = vd;
-                                  });
-    if constexpr (Q) {  // its rows coded as exlcore.cache.quantize codes them, a group a warp (outside new_token's
-                        // loop, whose exit at D the compiler cannot tell is the warp's: so no collective shuffles)
-        if (job.writer || job.staged)
-#pragma unroll
-            for (int u = 0; u < PER_ROW; u++) {
-                const int d = tid + u * THREADS;
-                k_code[u] = quantize32<BITS>(hadamard32(d < D ? to_float(k_row[u]) : 0.f), k_scale[u]);
-                v_code[u] = quantize32<BITS>(hadamard32(d < D ? to_float(v_row[u]) : 0.f), v_scale[u]);
-                if constexpr (BITS == 4) {
-                    k_code[u] |= __shfl_down_sync(0xFFFFFFFFu, k_code[u], 1) << 4;
-                    v_code[u] |= __shfl_down_sync(0xFFFFFFFFu, v_code[u], 1) << 4;
-                }
-                if (job.writer && d < D && d % (8 / BITS) == 0) {
-                    kq[(size_t)pos * CB + d * BITS / 8] = (uint8_t)k_code[u];
-                    vq[(size_t)pos * CB + d * BITS / 8] = (uint8_t)v_code[u];
-                }
-                if (job.writer && d < D && d % KV_GROUP == 0) {
-                    ksc[(size_t)pos * SB + d / KV_GROUP] = k_scale[u];
-                    vsc[(size_t)pos * SB + d / KV_GROUP] = v_scale[u];
-                }
+    if constexpr (Q) {
+        new_token<T, MAX_D, GROUP, true>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
+                                         [&](int u, int d, T kd, T vd) {
+            k_code[u] = quantize32<BITS>(hadamard32(to_float(kd)), k_scale[u]);
+            v_code[u] = quantize32<BITS>(hadamard32(to_float(vd)), v_scale[u]);
+            if constexpr (BITS == 4) {
+                k_code[u] |= __shfl_down_sync(0xFFFFFFFFu, k_code[u], 1) << 4;
+                v_code[u] |= __shfl_down_sync(0xFFFFFFFFu, v_code[u], 1) << 4;
             }
+            if (job.writer && d % (8 / BITS) == 0) {
+                kq[(size_t)pos * CB + d * BITS / 8] = (uint8_t)k_code[u];
+                vq[(size_t)pos * CB + d * BITS / 8] = (uint8_t)v_code[u];
+            }
+            if (job.writer && d % KV_GROUP == 0) {
+                ksc[(size_t)pos * SB + d / KV_GROUP] = k_scale[u];
+                vsc[(size_t)pos * SB + d / KV_GROUP] = v_scale[u];
+            }
+        });
+    } else {
+        new_token<T, MAX_D, GROUP>(q, k_new, v_new, kb, vb, job, H, KVH, D, rotary ? table : nullptr, qs,
+                                   [&](int u, int, T kd, T vd) {
+                                       k_row[u] = kd;
+                                       v_row[u] = vd;
+                                   });
     }
     __syncthreads();
     uint32_t qa[NT / 2][2];  // q as A fragments, one per 16 dimensions
