@@ -82,12 +82,12 @@ class Attention(nn.Module):
         if cache is not None and T == 1 and ext is not None and fused:
             # One kernel for the decode step's attention, with its rotary and cache write, split over the keys.
             tables = (self.rotary.cos, self.rotary.sin) if self.rotary is not None else (None, None)
+            scales = (cache.k_scales[self.layer], cache.v_scales[self.layer]) if cache.bits < 16 else ()
             out = ext.decode_attention(q.reshape(B, self.heads, self.head_dim),
                                        k.reshape(B, self.kv_heads, self.head_dim),
                                        v.reshape(B, self.kv_heads, self.head_dim), cache.k[self.layer],
                                        cache.v[self.layer], *tables, step.positions[:, 0], step.kv_len,
-                                       self.window or 0, self.scale, self.softcap or 0.0, cache.counters,
-                                       *(s[self.layer] for s in (cache.k_scales, cache.v_scales) if s))
+                                       self.window or 0, self.scale, self.softcap or 0.0, cache.counters, *scales)
             return self.o(out.view(B, 1, self.heads * self.head_dim))
         q, k, v = self.rotate_and_store(q, k, v, step)
         sdpa = self.softcap is None and T > 1

@@ -58,8 +58,8 @@ class KVCache:
         if bits not in BITS:
             raise ExlError(f"cache bits must be one of {', '.join(map(str, BITS))}, not {bits}")
         if bits < 16 and head_dim % GROUP:
-            raise ExlError(f"a {bits}-bit cache needs a head size that is a multiple of {GROUP}, not {head_dim}; "
-                           "use the 16-bit cache")
+            raise ExlError(f"a quantized ({bits}-bit) KV cache needs a head size that is a multiple of {GROUP}, not "
+                           f"{head_dim}; use the 16-bit cache")
         if bits < 16:
             max_len = -(-max_len // ALIGN) * ALIGN
         shape = (batch, kv_heads, max_len, head_dim if bits == 16 else head_dim * bits // 8)

@@ -90,7 +90,8 @@ def test_bad_cache_bits_are_refused(model, tmp_path, tiny_tokenizer_dir):
     with pytest.raises(exlcore.ExlError, match="cache bits must be one of 16, 8, 4, not 6"):
         m.new_cache(1, 64, 6)
     make_tiny("llama", tmp_path, tiny_tokenizer_dir, head_dim=24)
-    with pytest.raises(exlcore.ExlError, match="multiple of 32, not 24; use the 16-bit cache"):
+    with pytest.raises(exlcore.ExlError, match=r"quantized \(8-bit\) KV cache needs a head size that is a multiple of "
+                                               r"32, not 24; use the 16-bit cache"):
         exlcore.load(tmp_path, device="cpu").new_cache(1, 64, 8)
     with pytest.raises(SystemExit, match="2"):  # argparse: one line naming the option and its choices
         main(["chat", "-m", str(tmp_path), "--cache-bits", "6"])
