@@ -239,7 +239,8 @@ def bench_exlcore(folder: Path, vocab: int, steps: int, prefill: int, profile: b
 
 
 def bench_exllamav2(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
-    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
+    from exllamav2 import (ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q8, ExLlamaV2Config,
+                           ExLlamaV2Tokenizer)
     from exllamav2.generator import ExLlamaV2BaseGenerator, ExLlamaV2Sampler
 
     torch.cuda.empty_cache()
@@ -276,8 +277,6 @@ def bench_exllamav2(folder: Path, vocab: int, steps: int, prefill: int) -> dict:
     config.max_seq_len = LONG + steps + 8
     model = ExLlamaV2(config)
     model.load()
-    from exllamav2 import ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q8
-
     long_prompt = torch.randint(0, vocab, (1, LONG), generator=gen)
     for bits, kind in zip(CACHE_BITS, (ExLlamaV2Cache, ExLlamaV2Cache_Q8, ExLlamaV2Cache_Q4)):
         r[f"decode_long_{bits}"] = exllamav2_decode(model, long_prompt, steps, kind)

@@ -68,8 +68,9 @@ def main():
     # Attention of this shape's heads, and of Gemma 2's (16 heads of 256 over 8 KV heads); this shape's over 8-
     # and 4-bit caches too.
     counters = torch.zeros(32, dtype=torch.int32, device="cuda")
-    heads_of = [(SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], d, bits, f", {bits}-bit cache" * (bits < 16))
-                for bits in (16, 8, 4)] + [(16, 8, 256, 16, ", heads of 256")]
+    heads_of = [(SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], d, bits,
+                 f", {bits}-bit cache" if bits < 16 else "") for bits in (16, 8, 4)]
+    heads_of.append((16, 8, 256, 16, ", heads of 256"))
     for heads, kv_heads, dim, bits, label in heads_of:
         for kv_len, position in ((256, 200), (2048, 2000), (8192, 8000)):
             qh = torch.randn(1, heads, dim, device="cuda").half()

@@ -66,7 +66,8 @@ def test_quantized_cache_decodes_close_to_the_16_bit_one(model, bits, tolerance)
     runs = {}
     for b in (16, bits):
         cache = m.new_cache(2, 50, b)
-        runs[b] = torch.cat([m.forward(ids[:, :30], cache)] + [m.forward(ids[:, t:t + 1], cache) for t in range(30, 40)], 1)
+        prefill = m.forward(ids[:, :30], cache)
+        runs[b] = torch.cat([prefill] + [m.forward(ids[:, t:t + 1], cache) for t in range(30, 40)], 1)
     assert cache.max_len == 64 and cache.k[0].dtype == torch.uint8
     assert 0 < max_error(runs[bits], runs[16]) < tolerance
     whole = m.forward(ids, m.new_cache(2, 50, bits))
