@@ -612,55 +612,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     };
 #pragma unroll 1
     for (int i = 0; i < stages; i++) stage(i);
-    // Quantized: tile i's keys and values of this warp (16 each) dequantized into its own pair of tiles, 16 elements a
-    // lane at a time: rows of keys then values, row_lanes lanes a row, lane_rows rows at a time (lanes past them
-    // idle). With pos_only, the new token's row alone.
-    const int row_lanes = D / 16, lane_rows = 32 / row_lanes, lane_row = lane / row_lanes, lane_piece = lane % row_lanes;
-    const auto dequantize_tile = [&](int i, bool pos_only) {
-        const int base = j0 + (first_tile + i) * MMA_TILE, kw = warp * 16;
-        if (pos_only && (pos < base + kw || pos >= base + kw + 16)) return;
-        const uint8_t* slot = reinterpret_cast<const uint8_t*>(smem) + (i % stages) * slot_bytes;
-        const half* slot_scales = reinterpret_cast<const half*>(slot + 2 * MMA_TILE * CB);
-        T* kt = warp_tiles + warp * 2 * 16 * pitch;
-        T* vt = kt + 16 * pitch;
-        constexpr int BATCH = 4;  // rows whose loads are in flight together
-        __syncwarp();  // every lane past the last tile's ldmatrix
-        if (lane_row < lane_rows)
-#pragma unroll 1
-            for (int r0 = lane_row; r0 < 32; r0 += BATCH * lane_rows) {
-                uint32_t codes[BATCH][BITS / 2];
-                half scales[BATCH];
-#pragma unroll
-                for (int b = 0; b < BATCH; b++) {
-                    const int rr = min(r0 + b * lane_rows, 31), row = rr / 16 * MMA_TILE + kw + rr % 16;
-                    const uint8_t* from = slot + row * CB + lane_piece * 2 * BITS;
-                    if constexpr (BITS == 8) *reinterpret_cast<uint4*>(codes[b]) = *reinterpret_cast<const uint4*>(from);
-                    else *reinterpret_cast<uint2*>(codes[b]) = *reinterpret_cast<const uint2*>(from);
-                    scales[b] = slot_scales[row * SB + lane_piece / 2];
-                }
-#pragma unroll
-                for (int b = 0; b < BATCH; b++) {
-                    const int rr = r0 + b * lane_rows, key = rr % 16, j = base + kw + key;
-                    if (rr >= 32) break;
-                    if (pos_only && j != pos) continue;
-                    uint32_t w[8];
-                    dequantize16<T, BITS>(codes[b], scales[b], w);
-                    if (j < lo || j >= hi) w[0] = w[1] = w[2] = w[3] = w[4] = w[5] = w[6] = w[7] = 0u;
-                    uint4* to = reinterpret_cast<uint4*>((rr < 16 ? kt : vt) + key * pitch + 16 * lane_piece);
-                    to[0] = make_uint4(w[0], w[1], w[2], w[3]);
-                    to[1] = make_uint4(w[4], w[5], w[6], w[7]);
-                }
-            }
-        __syncwarp();
-    };
     const bool rotary = rotary_rows(cos, sin, pos, D, table);
-    if constexpr (Q) {
-        if (tiles > 0) {  // tile 0 while the kernel before finishes: only the new token's row is left for later
-            wait_pending(stages - 1);
-            __syncthreads();  // every thread's copies in
-            dequantize_tile(0, false);
-        }
-    }
     __syncthreads();
 
     dependency_wait();
@@ -728,6 +680,8 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
     float o[NT][4] = {}, top_so_far = -INFINITY, total_so_far = 0.f;
     const int pos_tile = job.staged ? (int)(pos - j0) / MMA_TILE - first_tile : -1, kw = warp * 16;
     const int m = lane / 8, r = lane % 8;  // the matrix and row whose address this lane gives to ldmatrix
+    // Quantized: a row's 16-element pieces to row_lanes lanes, lane_rows rows at a time (lanes past them idle).
+    const int row_lanes = D / 16, lane_rows = 32 / row_lanes, lane_row = lane / row_lanes, lane_piece = lane % row_lanes;
 #pragma unroll 1
     for (int i = 0; i < tiles; i++) {
         const int base = j0 + (first_tile + i) * MMA_TILE;
@@ -757,12 +711,38 @@ __global__ void __launch_bounds__(THREADS) decode_attention_mma_kernel(
             }
         __syncthreads();  // the tile is in, and every warp is past the tile before (whose slot is refilled next)
         if (i > 0) stage(i - 1 + stages);
-        // The warp's 16 keys and values: in the ring, or dequantized into the warp's own pair of tiles (tile 0 before
-        // the wait, all but the new token's row).
+        // The warp's 16 keys and values: in the ring, or dequantized into the warp's own pair of tiles.
         T* kt = Q ? warp_tiles + warp * 2 * 16 * pitch : ks + kw * pitch;
         T* vt = Q ? kt + 16 * pitch : vs + kw * pitch;
-        if constexpr (Q) {
-            if (i > 0 || i == pos_tile) dequantize_tile(i, i == 0);
+        if constexpr (Q) {  // 16 elements a lane at a time: rows of keys then values, row_lanes lanes a row
+            constexpr int BATCH = 4;  // rows whose loads are in flight together
+            __syncwarp();  // every lane past the last tile's ldmatrix
+            if (lane_row < lane_rows)
+#pragma unroll 1
+                for (int r0 = lane_row; r0 < 32; r0 += BATCH * lane_rows) {
+                    uint32_t codes[BATCH][BITS / 2];
+                    half scales[BATCH];
+#pragma unroll
+                    for (int b = 0; b < BATCH; b++) {
+                        const int rr = min(r0 + b * lane_rows, 31), row = rr / 16 * MMA_TILE + kw + rr % 16;
+                        const uint8_t* from = slot + row * CB + lane_piece * 2 * BITS;
+                        if constexpr (BITS == 8) *reinterpret_cast<uint4*>(codes[b]) = *reinterpret_cast<const uint4*>(from);
+                        else *reinterpret_cast<uint2*>(codes[b]) = *reinterpret_cast<const uint2*>(from);
+                        scales[b] = slot_scales[row * SB + lane_piece / 2];
+                    }
+#pragma unroll
+                    for (int b = 0; b < BATCH; b++) {
+                        const int rr = r0 + b * lane_rows, key = rr % 16, j = base + kw + key;
+                        if (rr >= 32) break;
+                        uint32_t w[8];
+                        dequantize16<T, BITS>(codes[b], scales[b], w);
+                        if (j < lo || j >= hi) w[0] = w[1] = w[2] = w[3] = w[4] = w[5] = w[6] = w[7] = 0u;
+                        uint4* to = reinterpret_cast<uint4*>((rr < 16 ? kt : vt) + key * pitch + 16 * lane_piece);
+                        to[0] = make_uint4(w[0], w[1], w[2], w[3]);
+                        to[1] = make_uint4(w[4], w[5], w[6], w[7]);
+                    }
+                }
+            __syncwarp();
         }
 
         // Scores of keys kw + 8 nt + 2 t + c: matrices (keys 0..7, dims lo), (0..7, hi), (8..15, lo), (8..15, hi).
