@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from core import COPY_BANDWIDTH, LLAMA31_ROPE, write_tokenizer
 
 import exlcore
+from exlcore.cache import element_bytes
 from exlcore.ext import extension
 from exlcore.speed import decode_rate
 
@@ -334,7 +335,7 @@ def main():
               "| cache | " + " | ".join(rows) + " | KV bytes per token |", "|---|" + "---:|" * (len(rows) + 1)]
     kv = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"]
     for bits in CACHE_BITS:
-        per_token = kv * (2 if bits == 16 else bits / 8 + 2 / 32)  # quantized: fp16 scales per 32 elements
+        per_token = kv * element_bytes(bits)
         lines.append(f"| {bits}-bit | " + " | ".join(f"{r[f'decode_long_{bits}']:.1f}" for r in rows.values())
                      + f" | {per_token / 1024:.0f} KiB |")
     ours = rows["exlcore"]

@@ -14,7 +14,7 @@ import torch
 from core import COPY_BANDWIDTH
 from exl2 import BODY, HEAD, SHAPE, random_exl2
 
-from exlcore.cache import quantize
+from exlcore.cache import element_bytes, quantize
 from exlcore.ext import extension
 from exlcore.formats.qmatrix import QMatmul, matmul
 from exlcore.rope import RopeConfig, Rotary
@@ -86,8 +86,7 @@ def main():
             pos = torch.tensor([position], device="cuda")
             t = graph_time(lambda: ext.decode_attention(qh, kv_new[0], kv_new[1], *caches, rotary.cos, rotary.sin, pos,
                                                         kv_len, 0, dim**-0.5, 0.0, counters, *scales))
-            per_row = dim * 2 if bits == 16 else dim * bits // 8 + dim // 32 * 2
-            size = 2 * kv_heads * (position + 1) * per_row  # the visible keys and values
+            size = 2 * kv_heads * (position + 1) * dim * element_bytes(bits)  # the visible keys and values
             print(f"| decode attention, {position + 1} keys{label} | 1 | {t * 1e6:.1f} | {size / t / 1e9:.0f} | "
                   f"{size / t / COPY_BANDWIDTH:.0%} |")
     x = torch.randn(1, 1, h, device="cuda").half()

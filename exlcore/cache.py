@@ -17,6 +17,11 @@ GROUP = 32
 ALIGN = 64  # quantized caches hold a multiple of this many tokens: the decode kernel copies whole tiles of keys
 
 
+def element_bytes(bits: int) -> float:
+    """Bytes a cached element takes: fp16, or its code and its share of the group's fp16 scale."""
+    return 2 if bits == 16 else bits / 8 + 2 / GROUP
+
+
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Each group of GROUP along the last dimension times the orthonormal Sylvester Hadamard matrix (symmetric, so
     its own inverse), in x's dtype."""
@@ -37,7 +42,7 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = hadamard(x.float()).unflatten(-1, (-1, GROUP))
     scales = (g.abs().amax(-1) / qmax).half()
     s = scales.float()[..., None]
-    codes = (torch.where(s > 0, torch.round(g / torch.where(s > 0, s, 1.0)), 0.0).clamp(-qmax, qmax) + qmax + 1)
+    codes = torch.where(s > 0, torch.round(g / torch.where(s > 0, s, 1.0)), 0.0).clamp(-qmax, qmax) + qmax + 1
     codes = codes.to(torch.uint8).flatten(-2)
     if bits == 4:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
@@ -67,8 +72,9 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=store) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=store) for _ in range(num_layers)]
         scales = (batch, kv_heads, max_len, head_dim // GROUP)
-        self.k_scales = [torch.zeros(scales, device=device, dtype=torch.half) for _ in range(num_layers * (bits < 16))]
-        self.v_scales = [torch.zeros(scales, device=device, dtype=torch.half) for _ in range(num_layers * (bits < 16))]
+        layers = range(num_layers if bits < 16 else 0)  # no scales at 16 bits
+        self.k_scales = [torch.zeros(scales, device=device, dtype=torch.half) for _ in layers]
+        self.v_scales = [torch.zeros(scales, device=device, dtype=torch.half) for _ in layers]
         # The decode attention kernel's counters (one per sequence, KV head and slice of 8 query heads, so at
         # most batch * heads), which it leaves at zero; allocated here, once, so CUDA graphs replay the same ones.
         self.counters = torch.zeros(batch * heads, device=device, dtype=torch.int32)

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exlcore.cache import GROUP
+from exlcore.cache import element_bytes
 from exlcore.config import ModelConfig
 from exlcore.formats import format_of
 from exlcore.layers import linears
@@ -40,8 +40,7 @@ class ModelInfo:
     def kv_bytes_per_token(self, bits: int = 16) -> float:
         """Keys and values of every layer in a cache of `bits` (exlcore.cache: quantized, an fp16 scale per group)."""
         c = self.config
-        element = 2 if bits == 16 else bits / 8 + 2 / GROUP
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * element
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * element_bytes(bits)
 
 
 def _format(w: Weights, key: str) -> str:

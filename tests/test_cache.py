@@ -86,7 +86,7 @@ def test_generator_and_eval_take_cache_bits(model, capsys):
     assert ppl[4] != ppl[16] and ppl[4] == pytest.approx(ppl[16], rel=0.05)
 
 
-def test_bad_cache_bits_are_refused(model, tmp_path, tiny_tokenizer_dir):
+def test_bad_cache_bits_are_refused(model, tmp_path, tiny_tokenizer_dir, capsys):
     _, m = model
     with pytest.raises(exlcore.ExlError, match="cache bits must be one of 16, 8, 4, not 6"):
         m.new_cache(1, 64, 6)
@@ -94,5 +94,9 @@ def test_bad_cache_bits_are_refused(model, tmp_path, tiny_tokenizer_dir):
     with pytest.raises(exlcore.ExlError, match=r"quantized \(8-bit\) KV cache needs a head size that is a multiple of "
                                                r"32, not 24; use the 16-bit cache"):
         exlcore.load(tmp_path, device="cpu").new_cache(1, 64, 8)
+    capsys.readouterr()
+    assert main(["generate", "-m", str(tmp_path), "--device", "cpu", "-p", "Hi", "--cache-bits", "8"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "multiple of 32, not 24; use the 16-bit cache" in err[0]
     with pytest.raises(SystemExit, match="2"):  # argparse: one line naming the option and its choices
         main(["chat", "-m", str(tmp_path), "--cache-bits", "6"])

@@ -305,7 +305,6 @@ torch::Tensor decode_attention_(const torch::Tensor& q, const torch::Tensor& k_n
     return out;
 }
 
-
 // GPTQ over rows b0 .. b1-1 (at most GPTQ_ROWS) of w (K, C); see gptq.cuh.
 void gptq_rows_(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& scale, const torch::Tensor& half,
                 const torch::Tensor& codes, const torch::Tensor& err, int64_t b0, int64_t b1) {
