@@ -35,6 +35,7 @@ for step in "$@"; do
     floor) python3 benchmarks/floor.py 2>&1 | tee "$OUT/floor.log" | tail -8 ;;
     fetch) python3 benchmarks/fetch.py 2>&1 | tee "$OUT/fetch.log" | tail -66 ;;
     persist) python3 benchmarks/persist.py 2>&1 | tee "$OUT/persist.log" | tail -44 ;;
+    persist-step) python3 benchmarks/persist_step.py 2>&1 | tee "$OUT/persist_step.log" | tail -46 ;;
     stream-gemv) python3 benchmarks/stream_gemv.py 2>&1 | tee "$OUT/stream_gemv.log" | tail -18 ;;
     ab) bash benchmarks/ab.sh 2>&1 | tee "$OUT/ab.log" | tail -80 ;;
     exl2-fixtures) with_exllamav2 python3 tests/fixtures/make_exllamav2.py "$HOME/fixtures" "$OUT" 2>&1 \
