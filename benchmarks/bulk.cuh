@@ -1,5 +1,5 @@
-// The copy engine (cp.async.bulk, sm_90) feeding a ring of shared-memory slots, each with an mbarrier: the pieces
-// benchmarks/persist.py and benchmarks/stream_gemv.py build their prototypes from.
+// The copy engine (cp.async.bulk, sm_90) feeding a ring of shared-memory slots, each with an mbarrier, and a grid-wide
+// barrier: the pieces benchmarks/persist.py, persist_step.py and stream_gemv.py build their prototypes from.
 #pragma once
 #include <cstdint>
 
@@ -32,4 +32,12 @@ __device__ __forceinline__ void barrier_wait(unsigned bar, unsigned parity) {
     while (!ok)
         asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
                      : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
+}
+
+// One thread per block, its block's other threads held at a block barrier on either side: counts the block in
+// (release), then reads the count until `target` are in (acquire).
+__device__ __forceinline__ void grid_count(unsigned* sync, unsigned target) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(sync) : "memory");
+    unsigned in = 0;
+    while (in < target) asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(in) : "l"(sync) : "memory");
 }

@@ -39,15 +39,10 @@ struct Program {
     int count;
 };
 
-// Every block waits here for all of the grid: thread 0 counts its block in (release), then reads the count until
-// `target` are in (acquire).
+// Every block waits here for all of the grid.
 __device__ __forceinline__ void grid_barrier(unsigned* sync, unsigned target) {
     __syncthreads();
-    if (threadIdx.x == 0) {
-        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(sync) : "memory");
-        unsigned in = 0;
-        while (in < target) asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(in) : "l"(sync) : "memory");
-    }
+    if (threadIdx.x == 0) grid_count(sync, target);
     __syncthreads();
 }
 
