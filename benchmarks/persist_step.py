@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(THREADS + 32, 1) step(const __grid_constant__ 
                 }
             }
             stamp(1);
-            float scale = 1.f / 256;
+            float scale = 1.f / 256;  // every group's scale
             if (kind == NORMED) {  // applied to the sums: the same as to x
 #pragma unroll
                 for (int o = 16; o; o /= 2) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
