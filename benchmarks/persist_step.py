@@ -4,19 +4,23 @@ barriers) joined to what benchmarks/stream_gemv.py measured for one matrix (the 
     python benchmarks/persist_step.py
 
 One kernel, one block per SM, runs the Llama-3-8B step's 161 phases: per layer q/k/v, attention, o, gate/up and
-down, then the head. A producer warp streams every phase's weights through a ring of 12 slots of 8 KB
-(cp.async.bulk), on past the barriers, as weights depend on nothing. Eight consumer warps, per phase: attention's
-stand-in (4 dependent reads, as in persist.py); or a matmul: x read back from the sums of the matmul before (all of
-it and RMS-normed for q/k/v, gate/up and the head; the rows the block's slots take for o, and for down as silu(gate)
-* up) into shared memory, then the block's run of slots dequantized and multiplied on tensor cores as the decode
-kernel does (exlcore/csrc/qmatmul.cu's for_pairs, centred and mma), each column block's sums added by fp32 atomics;
-then a grid-wide barrier. Codes are 4-bit and random, with one scale for every group (the real head is 6-bit, the
-body a 5/4/3-bit mix with group scales: 3.98 GB against 3.75 here); timing only, the sums are not checked. They are
-zeroed by a memset inside the timed graph.
+down, then the head. A producer warp streams every phase's weights through a ring of 8 KB slots (cp.async.bulk), on
+past the barriers, as weights depend on nothing. Consumer warps, per phase: attention's stand-in (dependent reads, as
+in persist.py); or a matmul: x read back from the sums of the matmul before (all of it and RMS-normed for q/k/v,
+gate/up and the head; the rows the block's slots take for o, and for down as silu(gate) * up) into shared memory,
+then the block's slots dequantized and multiplied on tensor cores as the decode kernel does (exlcore/csrc/qmatmul.cu's
+for_pairs, centred and mma), each column block's sums added by fp32 atomics; then a grid-wide barrier. Codes are
+4-bit and random, with one scale for every group (the real head is 6-bit, the body a 5/4/3-bit mix with group scales:
+3.98 GB against 3.75 here); timing only, the sums are not checked. They are zeroed by a memset inside the timed graph.
 
-The first table takes the step apart: x staged by loads, by the copy engine or not at all; the arithmetic on or
-off; the barriers on or off; and probes (no weights: x, barriers and reads alone). The second is a timeline of each
-phase from %globaltimer stamps.
+How the consumers share a slot: all eight warps take a 32-column tile of every slot (session 23), or each warp (or
+pair of warps) owns every eighth slot whole. How the blocks share a phase: equal runs of slots, runs weighted by
+each block's measured rate, or rounds of 8 slots dealt out in turn so each block's bytes spread over the phase's.
+
+The first table takes the step apart: x staged by loads or not at all; the arithmetic on or off; a grid barrier after
+every phase, only before the normed matmuls (what a step would wait for if its other dependencies were free), or none;
+the consumers alone (no stream); attention twice as long. Then whether a block's rate is its own from step to
+step, and a timeline of each phase from %globaltimer stamps.
 """
 
 from pathlib import Path
@@ -38,15 +42,21 @@ SOURCE = r"""
 #include "bulk.cuh"
 #include "qmatmul.cu"  // the decode kernel's helpers: for_pairs, centred, mma
 
-constexpr int MAX_PHASES = 192, SLOT_ROWS = 8, COLS = 256, SLOT_WORDS = SLOT_ROWS * COLS, SLOTS = 12,
-              CONSUMERS = 8, THREADS = CONSUMERS * 32, XB = 8;
+constexpr int MAX_PHASES = 192, SLOT_ROWS = 8, COLS = 256, SLOT_WORDS = SLOT_ROWS * COLS, OWNERS = 8, XB = 8,
+              VISITS = 4;
+// How the consumer warps share the slots, SHARE: 0, eight warps each take a column tile of 32 columns of every slot
+// (8 mma a slot, every warp waiting on every slot); else OWNERS groups of SHARE warps, each group every eighth slot
+// whole (its 8 column tiles split between the group's warps: 64 mma a slot), the group's split sums added across
+// groups in shared memory at each column block's end. Owned slots need more of them in flight.
+template <int SHARE> constexpr int CONSUMERS = SHARE ? OWNERS * SHARE : 8;
+template <int SHARE> constexpr int THREADS = CONSUMERS<SHARE> * 32;
+template <int SHARE> constexpr int SLOTS = SHARE ? 16 : 12;
 enum Kind { NORMED, PLAIN, GATED };  // x: the sums before RMS-normed (q/k/v, gate/up, head), as they are (o), or
                                      // silu(gate) * up (down)
-enum Staging { NONE, LOADS, BULK };  // x left as it is (wrong values); read by the consumers' loads into fp16; or
-                                     // copied by the copy engine as fp32, turned into fp16 as the mma reads it
-enum Probe { FULL, NO_WEIGHTS, ROWS_ONLY, OWN_X };  // the step; without its weights (x, barriers and reads alone);
-    // with the normed matmuls' x read only where the block's slots need it (wrong norms); without its weights, each
-    // block reading x from a copy of its own (in the weights' buffer: wrong values)
+enum Staging { NONE, LOADS };  // x left as it is (wrong values), or read by the consumers' loads into fp16
+enum Barriers { NO_BARRIERS, EVERY, NORMS };
+enum Probe { FULL, NO_STREAM };  // the step; or the consumers alone, taking whatever the ring holds without waiting
+                                 // for it (their own speed)
 
 struct Program {
     long long base[MAX_PHASES];  // a matmul's slots: slot i (column block i / (rows / 8), rows 8 (i % that)) at
@@ -60,59 +70,85 @@ struct Program {
     int count;
 };
 
+template <int THREADS>
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory"); }
 
 // Every block's consumers wait here for all of the grid.
+template <int THREADS>
 __device__ __forceinline__ void grid_barrier(unsigned* sync, unsigned target) {
-    consumers_sync();
+    consumers_sync<THREADS>();
     if (threadIdx.x == 0) grid_count(sync, target);
-    consumers_sync();
+    consumers_sync<THREADS>();
 }
 
-// This block's run of phase p's slots: an equal share of them, in order.
-__device__ __forceinline__ int2 run_of(const Program& pr, int p) {
-    const long long slots = pr.rows[p] / SLOT_ROWS * (pr.cols[p] / COLS);
-    return make_int2(blockIdx.x * slots / gridDim.x, (blockIdx.x + 1) * slots / gridDim.x);
+// This block's slots of phase p, in order. A run of them: its share cut[b] .. cut[b + 1] of cut[grid] (equal
+// shares, or shares weighted by each SM's speed); or (`rounds`) rounds of OWNERS slots along one column block's rows,
+// every grid-th round from round b, so that each block's bytes are spread over the phase's.
+struct Work {
+    int first, count;
+    bool rounds;
+    __device__ int slot(int i) const { return rounds ? (first + i / OWNERS * gridDim.x) * OWNERS + i % OWNERS : first + i; }
+};
+
+__device__ __forceinline__ Work work_of(const Program& pr, int p, const int* cut, bool rounds) {
+    const long long slots = pr.rows[p] / SLOT_ROWS * (pr.cols[p] / COLS), all = cut[gridDim.x];
+    if (rounds) {  // a column block's slots are a multiple of OWNERS
+        const int b = blockIdx.x;
+        return {b, int((slots / OWNERS - b + gridDim.x - 1) / gridDim.x) * OWNERS, true};
+    }
+    const int first = cut[blockIdx.x] * slots / all;
+    return {first, int(cut[blockIdx.x + 1] * slots / all) - first, false};
 }
 
 // The block's slots, phase after phase.
 struct Cursor {
     const Program& pr;
-    int p = -1, slot = 0, end = 0;
+    const int* cut;
+    bool rounds;
+    int p = -1, i = 0;
+    Work work{0, 0, false};
     __device__ bool next() {
-        while (++slot >= end) {
+        while (++i >= work.count) {
             if (++p >= pr.count) return false;
-            const int2 run = run_of(pr, p);
-            slot = run.x - 1, end = run.y;
+            work = work_of(pr, p, cut, rounds), i = -1;
         }
         return true;
     }
-    __device__ const uint32_t* address(const uint32_t* w) const { return w + pr.base[p] + (size_t)slot * SLOT_WORDS; }
+    __device__ const uint32_t* address(const uint32_t* w) const {
+        return w + pr.base[p] + (size_t)work.slot(i) * SLOT_WORDS;
+    }
 };
 
-// Eight consumer warps, each a column tile of 32 columns of every slot, and a producer warp.
-template <bool MATH, int X>
-__global__ void __launch_bounds__(THREADS + 32, 1) step(const __grid_constant__ Program pr,
+// Consumer warps (CONSUMERS<SHARE>) and a producer warp.
+template <bool MATH, int X, int SHARE>
+__global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_constant__ Program pr,
                                                         const uint32_t* __restrict__ w, float* sums, unsigned* sync,
-                                                        const int* scratch, int barriers, int probe,
+                                                        const int* scratch, const int* cut, bool rounds, int barriers, int probe,
                                                         unsigned long long* stamps, int* sink) {
     extern __shared__ __align__(128) uint32_t smem[];
-    __shared__ __align__(8) unsigned long long bars[2 * SLOTS + 1];  // full, empty, x landed
+    constexpr int CONSUMERS = ::CONSUMERS<SHARE>, THREADS = ::THREADS<SHARE>, SLOTS = ::SLOTS<SHARE>, TILES = SHARE ? 8 / SHARE : 1;  // a warp's column tiles of a slot
+    constexpr bool OWN = SHARE > 0;
+    auto consumers_sync = [] { ::consumers_sync<THREADS>(); };
+    __shared__ __align__(8) unsigned long long bars[2 * SLOTS];  // full, then empty
     __shared__ float squares[CONSUMERS];
+    __shared__ float warp_sums[OWN ? VISITS : 1][OWNERS][COLS];  // owned: each group's sums of a column block
+    __shared__ int warps_in[VISITS];  // owned: warps done with the column block
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
-    const unsigned ring = shared_address(smem), full = shared_address(bars), empty = full + 8 * SLOTS,
-                   xbar = empty + 8 * SLOTS;
+    const unsigned ring = shared_address(smem), full = shared_address(bars), empty = full + 8 * SLOTS;
     if (threadIdx.x == 0) {
         for (int s = 0; s < SLOTS; s++) {
             barrier_init(full + 8 * s, 1);
-            barrier_init(empty + 8 * s, CONSUMERS);
+            barrier_init(empty + 8 * s, OWN ? SHARE : CONSUMERS);
         }
-        barrier_init(xbar, 1);
+    }
+    if constexpr (OWN) {
+        for (int i = threadIdx.x; i < VISITS * OWNERS * COLS; i += blockDim.x) (&warp_sums[0][0][0])[i] = 0.f;
+        if (threadIdx.x < VISITS) warps_in[threadIdx.x] = 0;
     }
     __syncthreads();
     if (warp == CONSUMERS) {  // the producer
-        if (lane == 0 && probe != NO_WEIGHTS && probe != OWN_X) {
-            Cursor fetch{pr};
+        if (lane == 0 && probe != NO_STREAM) {
+            Cursor fetch{pr, cut, rounds};
             for (int k = 0; fetch.next(); k++) {
                 const int s = k % SLOTS;
                 if (k >= SLOTS) barrier_wait(empty + 8 * s, (k / SLOTS - 1) & 1);
@@ -122,11 +158,10 @@ __global__ void __launch_bounds__(THREADS + 32, 1) step(const __grid_constant__ 
         }
         return;
     }
-    half2* xs = reinterpret_cast<half2*>(smem + SLOTS * SLOT_WORDS);  // LOADS: x in fp16
-    float* xf = reinterpret_cast<float*>(xs);                            // BULK: x (and up) in fp32
+    half2* xs = reinterpret_cast<half2*>(smem + SLOTS * SLOT_WORDS);  // x in fp16
     const GroupRaw group{};  // EXL2's centring offset is a constant; one scale for all groups, so that sums stay near 1
     unsigned acc = threadIdx.x;
-    for (int p = 0, k = 0, staged = 0; p < pr.count; p++) {
+    for (int p = 0, k = 0, passed = 0; p < pr.count; p++) {
         auto stamp = [&](int i) {  // thread 0's time at point i of phase p, if asked for
             if (stamps && threadIdx.x == 0) {
                 unsigned long long now;
@@ -137,20 +172,19 @@ __global__ void __launch_bounds__(THREADS + 32, 1) step(const __grid_constant__ 
         stamp(0);
         for (int r = 0; r < pr.reads[p]; r++)  // a dependent round trip: what another block wrote before the barrier
             acc ^= __ldcg(scratch + (size_t)((blockIdx.x * 7 + acc + r) % gridDim.x) * THREADS + threadIdx.x);
-        const int2 run = run_of(pr, p);
-        if (run.x < run.y) {
+        const Work work = work_of(pr, p, cut, rounds);
+        const int2 run = make_int2(work.first, work.first + work.count);  // with runs
+        if (work.count) {
             const int K = pr.rows[p] * 8, per_column = pr.rows[p] / SLOT_ROWS, kind = pr.kind[p];
             // x, in fours: all of it for the norm, else the rows this block's slots take: one run of them, or two
             // where the slots go on into the next column block (the first one's last rows, the next one's first)
             int2 span[2] = {make_int2(0, K / 4), make_int2(0, 0)};
-            if (kind != NORMED || probe == ROWS_ONLY) {
+            if (kind != NORMED && !rounds) {
                 const int a = run.x % per_column * 16, b = ((run.y - 1) % per_column + 1) * 16;
                 if (run.x / per_column == (run.y - 1) / per_column) span[0] = make_int2(a, b);
                 else if (run.y - run.x < per_column) span[0] = make_int2(a, K / 4), span[1] = make_int2(0, b);
             }
-            const float4* x = probe == OWN_X
-                                  ? reinterpret_cast<const float4*>(w) + blockIdx.x * (1 << 20) + pr.src[p] / 4
-                                  : reinterpret_cast<const float4*>(sums + pr.src[p]);
+            const float4* x = reinterpret_cast<const float4*>(sums + pr.src[p]);
             float ss = 0.f;
             if constexpr (X == LOADS) {
 #pragma unroll
@@ -176,34 +210,6 @@ __global__ void __launch_bounds__(THREADS + 32, 1) step(const __grid_constant__ 
                         }
                     }
                 }
-            } else if constexpr (X == BULK) {
-                consumers_sync();  // every consumer is done with the last phase's x
-                if (threadIdx.x == 0) {
-                    asm volatile("fence.proxy.async;" ::: "memory");  // the sums' atomics, x's reads, then the copy
-                    const unsigned at = shared_address(xf);
-                    const int fours = span[0].y - span[0].x + span[1].y - span[1].x;
-                    expect_bytes(xbar, fours * (kind == GATED ? 32 : 16));
-#pragma unroll
-                    for (const int2 r : span)
-                        if (r.x < r.y) {
-                            bulk_copy(at + r.x * 16, x + r.x, (r.y - r.x) * 16, xbar);
-                            if (kind == GATED)
-                                bulk_copy(at + K * 4 + r.x * 16, x + K / 4 + r.x, (r.y - r.x) * 16, xbar);
-                        }
-                }
-                barrier_wait(xbar, staged++ & 1);
-                float4* x4 = reinterpret_cast<float4*>(xf);
-#pragma unroll
-                for (const int2 r : span)
-                for (int i = r.x + threadIdx.x; i < r.y; i += THREADS) {
-                    float4 v = x4[i];
-                    if (kind == GATED) {
-                        const float4 u = x4[K / 4 + i];
-                        x4[i] = v = make_float4(gated(v.x, u.x, 0), gated(v.y, u.y, 0), gated(v.z, u.z, 0),
-                                                gated(v.w, u.w, 0));
-                    }
-                    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-                }
             }
             stamp(1);
             float scale = 1.f / 256;  // every group's scale
@@ -219,18 +225,88 @@ __global__ void __launch_bounds__(THREADS + 32, 1) step(const __grid_constant__ 
                 for (int i = 0; i < CONSUMERS; i++) total += squares[i];
                 scale *= rsqrtf(total / K + 1e-5f);
             }
-            auto pair = [&](int j) {  // x's pair j as fp16
-                if constexpr (X == BULK) {
-                    const float2 v = reinterpret_cast<const float2*>(xf)[j];
-                    return bits_of(__floats2half2_rn(v.x, v.y));
-                }
-                return bits_of(xs[j]);
-            };
+            auto pair = [&](int j) { return bits_of(xs[j]); };  // x's pair j as fp16
             stamp(2);
+            const bool waits = probe != NO_STREAM;
+            if constexpr (OWN) {
+                // The group's slots (every eighth of the block's, by k), the warp's tiles of them, its sums kept for
+                // one column block at a time
+                const int owner = warp / SHARE, tile0 = warp % SHARE * TILES;
+                float part[TILES][2][4] = {};
+                // The sums of a column block's slots (a run's, or a round's) from every warp that took one of them:
+                // the last one in adds them up. Each is `visit` v of VISITS kept at once, with `warps` taking part.
+                int unit = -1, column_block = 0, v = 0, warps = 0;
+                auto flush = [&]() {
+                    if (t == 0)
+#pragma unroll
+                        for (int tile = 0; tile < TILES; tile++)
+#pragma unroll
+                            for (int h = 0; h < 2; h++) {
+                                float* y = warp_sums[v][owner] + 32 * (tile0 + tile) + 4 * (lane / 4) + 2 * h;
+                                y[0] = part[tile][h][0], y[1] = part[tile][h][2];
+                                part[tile][h][0] = part[tile][h][1] = part[tile][h][2] = part[tile][h][3] = 0.f;
+                            }
+                    __threadfence_block();
+                    __syncwarp();
+                    int before = 0;
+                    if (lane == 0) before = atomicAdd(&warps_in[v], 1);
+                    before = __shfl_sync(0xFFFFFFFFu, before, 0);
+                    if (before != warps - 1) return;
+                    __threadfence_block();
+                    float* y = sums + pr.dst[p] + column_block * COLS;
+                    for (int c = lane; c < COLS; c += 32) {
+                        float total = 0.f;
+#pragma unroll
+                        for (int i = 0; i < OWNERS; i++) total += warp_sums[v][i][c], warp_sums[v][i][c] = 0.f;
+                        atomicAdd(y + c, total * scale);
+                    }
+                    __syncwarp();
+                    if (lane == 0) warps_in[v] = 0;
+                };
+                for (int i = 0; i < work.count; i++, k++) {
+                    if (k % OWNERS != owner) continue;
+                    const int slot = work.slot(i), s = k % SLOTS, at = slot % per_column;
+                    if (const int u = rounds ? i / OWNERS : slot / per_column; u != unit) {
+                        if (unit >= 0) flush();
+                        unit = u, column_block = slot / per_column;
+                        const int from = max(run.x, column_block * per_column);
+                        v = rounds ? u % VISITS : (column_block - run.x / per_column) % VISITS;
+                        warps = SHARE * (rounds ? OWNERS : min(OWNERS, min(run.y, (column_block + 1) * per_column) - from));
+                    }
+                    if (waits) barrier_wait(full + 8 * s, (k / SLOTS) & 1);
+                    if constexpr (MATH) {
+                        const uint4* words = reinterpret_cast<const uint4*>(smem + s * SLOT_WORDS) + lane;
+#pragma unroll
+                        for (int c = 0; c < SLOT_ROWS / 4; c++) {
+                            const int j = (at * 2 + c) * 16;
+                            const uint32_t b[4] = {pair(j + t), pair(j + 4 + t), pair(j + 8 + t), pair(j + 12 + t)};
+#pragma unroll
+                            for (int tile = 0; tile < TILES; tile++) {  // a lane's 4 words of a tile's chunk: one load
+                                const uint4 v = words[((tile0 + tile) * 2 + c) * 32];
+                                const uint32_t q[4] = {v.x, v.y, v.z, v.w};
+                                uint32_t a[16];
+                                for_pairs<4, 32>(q, [&](auto i, uint32_t raw, auto S) {
+                                    a[i] = centred<4, false, i, S>(raw, group);
+                                });
+#pragma unroll
+                                for (int e = 0; e < 2; e++) {
+                                    mma(part[tile][0], a + 8 * e, b[2 * e], b[2 * e + 1]);
+                                    mma(part[tile][1], a + 8 * e + 4, b[2 * e], b[2 * e + 1]);
+                                }
+                            }
+                        }
+                    } else {
+                        acc ^= smem[s * SLOT_WORDS + lane];
+                    }
+                    __syncwarp();
+                    if (lane == 0 && waits) barrier_arrive(empty + 8 * s);
+                }
+                if (unit >= 0) flush();
+            } else {
             float part[2][4] = {};
-            for (int slot = run.x; probe != NO_WEIGHTS && probe != OWN_X && slot < run.y; slot++, k++) {
+            for (int slot = run.x; slot < run.y; slot++, k++) {
                 const int s = k % SLOTS;
-                barrier_wait(full + 8 * s, (k / SLOTS) & 1);
+                if (waits) barrier_wait(full + 8 * s, (k / SLOTS) & 1);
                 if constexpr (MATH) {
                     const uint32_t* words = smem + s * SLOT_WORDS + 32 * warp + lane;
 #pragma unroll
@@ -253,7 +329,7 @@ __global__ void __launch_bounds__(THREADS + 32, 1) step(const __grid_constant__ 
                     acc ^= smem[s * SLOT_WORDS + threadIdx.x];
                 }
                 __syncwarp();
-                if (lane == 0) barrier_arrive(empty + 8 * s);
+                if (lane == 0 && waits) barrier_arrive(empty + 8 * s);
                 if (slot + 1 == run.y || (slot + 1) % per_column == 0) {  // this column block's split sums
                     float* y = sums + pr.dst[p] + slot / per_column * COLS + 32 * warp + 4 * (lane / 4);
                     if (t == 0)
@@ -268,50 +344,65 @@ __global__ void __launch_bounds__(THREADS + 32, 1) step(const __grid_constant__ 
                         for (int i = 0; i < 4; i++) part[h][i] = 0.f;
                 }
             }
+            }
         }
         stamp(3);
-        if (barriers) grid_barrier(sync, (p + 1) * gridDim.x);
+        // A barrier after every phase; or only where the next one needs all of x (a normed matmul), as a step whose
+        // other dependencies were free would
+        if (barriers == EVERY || (barriers == NORMS && p + 1 < pr.count && pr.kind[p + 1] == NORMED && pr.rows[p + 1]))
+            grid_barrier<THREADS>(sync, ++passed * gridDim.x);
         stamp(4);
     }
     if (acc == 0x7fffffffu) sink[0] = int(acc);
 }
 
-template <bool MATH>
-auto pick(int64_t x) { return x == BULK ? step<MATH, BULK> : x == LOADS ? step<MATH, LOADS> : step<MATH, NONE>; }
+template <bool MATH, int SHARE>
+auto pick(int64_t x) {
+    return x == LOADS ? step<MATH, LOADS, SHARE> : step<MATH, NONE, SHARE>;
+}
+
+template <int SHARE>
+auto pick(int64_t math, int64_t x) { return math ? pick<true, SHARE>(x) : pick<false, SHARE>(x); }
 
 void run(torch::Tensor program, torch::Tensor w, torch::Tensor sums, int64_t zero_from, torch::Tensor sync,
-         torch::Tensor scratch, int64_t math, int64_t barriers, int64_t x, int64_t probe, torch::Tensor stamps,
-         torch::Tensor sink) {
+         torch::Tensor scratch, torch::Tensor cut, int64_t rounds, int64_t math, int64_t barriers, int64_t x, int64_t probe, int64_t share,
+         torch::Tensor stamps, torch::Tensor sink) {
     Program pr;
     TORCH_CHECK(program.numel() * 4 == sizeof(Program), "persist_step: the program is not ", sizeof(Program), " bytes");
     std::memcpy(&pr, program.data_ptr(), sizeof(Program));
     const auto s = at::cuda::getCurrentCUDAStream();
     cudaMemsetAsync(sync.data_ptr(), 0, sync.numel() * 4, s);
     cudaMemsetAsync(sums.data_ptr<float>() + zero_from, 0, (sums.numel() - zero_from) * 4, s);
-    auto k = math ? pick<true>(x) : pick<false>(x);
+    TORCH_CHECK(share >= 0 && share <= 2, "persist_step: share is 0, 1 or 2");
+    TORCH_CHECK(!rounds || share, "persist_step: rounds are for owned slots");
+    auto k = share == 2 ? pick<2>(math, x) : share ? pick<1>(math, x) : pick<0>(math, x);
+    const int threads = (share ? OWNERS * share : 8) * 32 + 32;
     int K = 0, sms = 0, per_sm = 0;
     for (int p = 0; p < pr.count; p++) K = std::max(K, pr.rows[p] * 8);
-    const int shared = SLOTS * SLOT_WORDS * 4 + (x == BULK ? 2 * K * 4 : K * 2);
+    const int shared = (share ? SLOTS<1> : SLOTS<0>) * SLOT_WORDS * 4 + K * 2;
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, THREADS + 32, shared);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, threads, shared);
     TORCH_CHECK(per_sm >= 1, "persist_step: a block does not fit on an SM");
     auto* at = stamps.numel() ? reinterpret_cast<unsigned long long*>(stamps.data_ptr<int64_t>()) : nullptr;
-    k<<<sms, THREADS + 32, shared, s>>>(pr, reinterpret_cast<const uint32_t*>(w.data_ptr<int>()),
+    k<<<sms, threads, shared, s>>>(pr, reinterpret_cast<const uint32_t*>(w.data_ptr<int>()),
                                         sums.data_ptr<float>(), reinterpret_cast<unsigned*>(sync.data_ptr<int>()),
-                                        scratch.data_ptr<int>(), barriers, probe, at, sink.data_ptr<int>());
+                                        scratch.data_ptr<int>(), cut.data_ptr<int>(), rounds, barriers, probe, at,
+                                        sink.data_ptr<int>());
 }
 """
 MAX_PHASES, SLOT_WORDS = 192, 2048
+ROUNDS = "rounds"  # each block every grid-th round of 8 slots of a column block, not a run of slots
 
 
-def program():
+def program(reads=4):
     """The step's phases (rows of words, columns, dependent reads, how x is made) and where their x and sums live: the
-    first hidden_size floats of the sums hold the embedding, each matmul's sums follow in order."""
+    first hidden_size floats of the sums hold the embedding, each matmul's sums follow in order. Attention is `reads`
+    dependent round trips."""
     h, i, d = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["head_dim"]
     q, kv = SHAPE["num_attention_heads"] * d, SHAPE["num_key_value_heads"] * d
     normed, plain, gated = 0, 1, 2
-    layer = [(h // 8, q + 2 * kv, 0, normed), (0, 0, 4, plain), (q // 8, h, 0, plain), (h // 8, 2 * i, 0, normed),
+    layer = [(h // 8, q + 2 * kv, 0, normed), (0, 0, reads, plain), (q // 8, h, 0, plain), (h // 8, 2 * i, 0, normed),
              (i // 8, h, 0, gated)]
     phases = layer * SHAPE["num_hidden_layers"] + [(h // 8, SHAPE["vocab_size"], 0, normed)]
     fields = {f: [] for f in ("base", "src", "dst", "rows", "cols", "reads", "kind")}
@@ -332,8 +423,9 @@ def program():
 
 def main():
     ext = load_inline("exlcore_persist_step", cpp_sources="void run(torch::Tensor program, torch::Tensor w, "
-                      "torch::Tensor sums, int64_t zero_from, torch::Tensor sync, torch::Tensor scratch, int64_t math, "
-                      "int64_t barriers, int64_t x, int64_t probe, torch::Tensor stamps, torch::Tensor sink);",
+                      "torch::Tensor sums, int64_t zero_from, torch::Tensor sync, torch::Tensor scratch, torch::Tensor cut, int64_t rounds, "
+                      "int64_t math, "
+                      "int64_t barriers, int64_t x, int64_t probe, int64_t share, torch::Tensor stamps, torch::Tensor sink);",
                       cuda_sources=SOURCE, functions=["run"],
                       extra_include_paths=[str(HERE), str(HERE.parent / "exlcore" / "csrc")],
                       extra_cuda_cflags=["-O3", "-arch=sm_90", "--expt-relaxed-constexpr", "-std=c++17"])
@@ -344,40 +436,90 @@ def main():
     sums = torch.zeros(floats, device="cuda")
     sums[:h] = torch.randn(h, device="cuda")
     sync = torch.zeros(1, dtype=torch.int32, device="cuda")
-    scratch = torch.zeros(sms * 256, dtype=torch.int32, device="cuda")
+    scratch = torch.zeros(sms * 512, dtype=torch.int32, device="cuda")
     sink = torch.zeros(1, dtype=torch.int32, device="cuda")
     none = torch.empty(0, dtype=torch.int64, device="cuda")
     print(f"{count} phases, {words * 4 / 1e9:.2f} GB of 4-bit codes; bound at {COPY_BANDWIDTH / 1e12:.1f} TB/s: "
           f"{words * 4 / COPY_BANDWIDTH * 1e6:.0f} us")
-    print("| x | arithmetic | barriers | probe | us | TB/s | of 3.0 TB/s |\n|---|---|---|---|---:|---:|---:|")
-    stagings = ("not staged (wrong values)", "loads, as fp16", "copy engine, as fp32")
-    probes = ("", "no weights", "x only where needed", "no weights, each block its own x")
-    runs = [(x, m, b, 0) for x in range(3) for m in (0, 1) for b in (0, 1)]
-    runs += [(x, 0, 1, 1) for x in range(3)] + [(1, 1, b, 2) for b in (0, 1)] + [(x, 0, 1, 3) for x in (1, 2)]
-    for x, math, barriers, probe in runs:
-        t = graph_time(lambda: ext.run(prog, w, sums, h, sync, scratch, math, barriers, x, probe, none, sink))
-        rate = "| |" if probe in (1, 3) else f"{words * 4 / t / 1e12:.2f} | {words * 4 / t / COPY_BANDWIDTH:.0%} |"
-        print(f"| {stagings[x]} | {'yes' if math else 'no'} | {'grid' if barriers else 'none'} | {probes[probe]} | "
-              f"{t * 1e6:.0f} | {rate}", flush=True)
+    equal = torch.arange(sms + 1, dtype=torch.int32, device="cuda")
+    stagings = ("not staged (wrong values)", "loads, as fp16")
+    probes = ("", "consumers alone (no stream)")
+    shares = ("all warps", "a warp each", "two warps each")
+
+    def run(share, x, math, barriers, probe, cut, stamps=none, phases=prog):
+        """cut: each block's share of every phase's slots as a run (cumulative, sms + 1), or ROUNDS."""
+        rounds = isinstance(cut, str)
+        ext.run(phases, w, sums, h, sync, scratch, equal if rounds else cut, rounds, math, barriers, x, probe, share,
+                stamps, sink)
+
+    def timed(share, x, math, barriers, probe, cut, name, phases=prog):
+        t = graph_time(lambda: run(share, x, math, barriers, probe, cut, phases=phases))
+        rate = f"{words * 4 / t / 1e12:.2f} | {words * 4 / t / COPY_BANDWIDTH:.0%} |"
+        print(f"| {shares[share]} | {name} | {stagings[x]} | {'yes' if math else 'no'} | "
+              f"{('none', 'grid', 'grid, before norms only')[barriers]} | {probes[probe]} | {t * 1e6:.0f} | {rate}", flush=True)
+
+    matmuls = torch.ones(count, dtype=torch.bool)
+    matmuls[1:count - 1:5] = False
+
+    def timeline(share, cut):
+        """Each block's phases from one step (loads, arithmetic, grid barriers): the four intervals between its stamps,
+        us, with attention's phases as one interval (its reads and barrier)."""
+        stamps = torch.zeros(sms, count, 5, dtype=torch.int64, device="cuda")
+        run(share, 1, 1, 1, 0, cut, stamps)
+        torch.cuda.synchronize()
+        d = (stamps[:, :, 1:] - stamps[:, :, :-1]).double().cpu() / 1e3
+        d[:, ~matmuls, :3] = 0
+        d[:, ~matmuls, 3] = (stamps[:, ~matmuls, 4] - stamps[:, ~matmuls, 0]).double().cpu() / 1e3
+        return d
+
+    def weighted(cut, busy):
+        """Shares in proportion to the blocks' rates (their shares over their time in the matmuls)."""
+        r = (cut[1:] - cut[:-1]).double().cpu() / busy.sum(1)
+        c = torch.cumsum(r / r.sum() * (1 << 20), 0).round().int()
+        return torch.cat([torch.zeros(1, dtype=torch.int32), c]).cuda()
+
+    print("| slots | shares | x | arithmetic | barriers | probe | us | TB/s | of 3.0 TB/s |\n"
+          "|---|---|---|---|---|---|---:|---:|---:|")
+    timed(1, 0, 0, 0, 0, equal, "equal")
+    timed(1, 0, 0, 1, 0, equal, "equal")
+    timed(1, 0, 1, 0, 1, equal, "equal")
+    for share in (0, 1):
+        for barriers in (0, 1):
+            timed(share, 1, 1, barriers, 0, equal, "equal")
+    timed(2, 1, 1, 1, 0, equal, "equal")
+    for share in (0, 1):
+        timed(share, 1, 1, 2, 0, equal, "equal")
+    slow = program(reads=8)[0]  # attention as long as the decode kernel's (about 6 us a layer, not 3)
+    for x, math, barriers in ((0, 0, 0), (1, 1, 0), (1, 1, 1)):
+        timed(1, x, math, barriers, 0, equal, "equal, attention 8 reads", slow)
+    for x, math, barriers in ((0, 0, 1), (1, 1, 0), (1, 1, 1)):
+        timed(1, x, math, barriers, 0, ROUNDS, ROUNDS)
+    timed(1, 1, 1, 1, 0, ROUNDS, ROUNDS + ", attention 8 reads", slow)
+    # Whether a block's speed is its own (the same in two steps), over the step or in each phase; then shares weighted
+    # by it
+    a, b = timeline(1, equal)[:, matmuls, 2], timeline(1, equal)[:, matmuls, 2]
+    rate = (1 / a.sum(1)) / (1 / a.sum(1)).mean()
+    def corr(u, v): return torch.corrcoef(torch.stack([u.flatten(), v.flatten()]))[0, 1].item()
+    print(f"\nBlocks' rates over a step (a warp each, equal shares): {rate.min():.3f} to {rate.max():.3f} of the mean;"
+          f" correlation between two steps {corr(a.sum(1), b.sum(1)):.2f}; of each block's time in each phase, less the "
+          f"phase's mean, {corr(a - a.mean(0), b - b.mean(0)):.2f}\n")
+    cut = weighted(equal, a)
+    timed(1, 1, 1, 1, 0, cut, "weighted")
+    timed(1, 0, 0, 1, 0, cut, "weighted")
+
     names = ("q/k/v", "attention", "o", "gate/up", "down")
     print("\nEach block's thread 0, us (median over blocks and layers; in brackets the median of each phase's slowest "
           "block): from the phase's start to x staged in its own loads, to all consumers' x staged, to its slots done, "
-          "to the grid barrier passed\n\n| x | weights | phase | x, own | x, all | slots | barrier |\n"
+          "to the grid barrier passed\n\n| slots | shares | phase | x, own | x, all | slots | barrier |\n"
           "|---|---|---|---:|---:|---:|---:|")
-    for x, probe in ((1, 0), (1, 1), (0, 0)):
-        stamps = torch.zeros(sms, count, 5, dtype=torch.int64, device="cuda")
-        ext.run(prog, w, sums, h, sync, scratch, 1, 1, x, probe, stamps, sink)
-        torch.cuda.synchronize()
-        d = (stamps[:, :, 1:] - stamps[:, :, :-1]).double() / 1e3
-        d[:, 1:count - 1:5, :3] = 0  # attention's phases: reads, then the barrier
-        d[:, 1:count - 1:5, 3] = (stamps[:, 1:count - 1:5, 4] - stamps[:, 1:count - 1:5, 0]).double() / 1e3
-        for i, name in enumerate(names + ("head",)):
+    for share, c, name in ((0, equal, "equal"), (1, equal, "equal"), (1, ROUNDS, ROUNDS)):
+        d = timeline(share, c)
+        for i, phase in enumerate(names + ("head",)):
             ph = d[:, i:count - 1:5] if i < 5 else d[:, count - 1:]
             med = ph.flatten(0, 1).median(0).values.tolist()
             top = ph.max(0).values.median(0).values.tolist()
-            print(f"| {stagings[x]} | {'no' if probe else 'yes'} | {name} | " +
+            print(f"| {shares[share]} | {name} | {phase} | " +
                   " | ".join(f"{a:.2f} ({b:.2f})" for a, b in zip(med, top)) + " |", flush=True)
-
 
 if __name__ == "__main__":
     main()
