@@ -87,7 +87,9 @@ __device__ __forceinline__ void grid_barrier(unsigned* sync, unsigned target) {
 struct Work {
     int first, count;
     bool rounds;
-    __device__ int slot(int i) const { return rounds ? (first + i / OWNERS * gridDim.x) * OWNERS + i % OWNERS : first + i; }
+    __device__ int slot(int i) const {
+        return rounds ? (first + i / OWNERS * gridDim.x) * OWNERS + i % OWNERS : first + i;
+    }
 };
 
 __device__ __forceinline__ Work work_of(const Program& pr, int p, const int* cut, bool rounds) {
@@ -122,11 +124,13 @@ struct Cursor {
 // Consumer warps (CONSUMERS<SHARE>) and a producer warp.
 template <bool MATH, int X, int SHARE>
 __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_constant__ Program pr,
-                                                        const uint32_t* __restrict__ w, float* sums, unsigned* sync,
-                                                        const int* scratch, const int* cut, bool rounds, int barriers, int probe,
-                                                        unsigned long long* stamps, int* sink) {
+                                                               const uint32_t* __restrict__ w, float* sums,
+                                                               unsigned* sync, const int* scratch, const int* cut,
+                                                               bool rounds, int barriers, int probe,
+                                                               unsigned long long* stamps, int* sink) {
     extern __shared__ __align__(128) uint32_t smem[];
-    constexpr int CONSUMERS = ::CONSUMERS<SHARE>, THREADS = ::THREADS<SHARE>, SLOTS = ::SLOTS<SHARE>, TILES = SHARE ? 8 / SHARE : 1;  // a warp's column tiles of a slot
+    constexpr int CONSUMERS = ::CONSUMERS<SHARE>, THREADS = ::THREADS<SHARE>, SLOTS = ::SLOTS<SHARE>,
+                  TILES = SHARE ? 8 / SHARE : 1;  // a warp's column tiles of a slot
     constexpr bool OWN = SHARE > 0;
     auto consumers_sync = [] { ::consumers_sync<THREADS>(); };
     __shared__ __align__(8) unsigned long long bars[2 * SLOTS];  // full, then empty
@@ -269,9 +273,10 @@ __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_cons
                     if (const int u = rounds ? i / OWNERS : slot / per_column; u != unit) {
                         if (unit >= 0) flush();
                         unit = u, column_block = slot / per_column;
-                        const int from = max(run.x, column_block * per_column);
+                        const int slots = min(run.y, (column_block + 1) * per_column) -
+                                          max(run.x, column_block * per_column);
                         v = rounds ? u % VISITS : (column_block - run.x / per_column) % VISITS;
-                        warps = SHARE * (rounds ? OWNERS : min(OWNERS, min(run.y, (column_block + 1) * per_column) - from));
+                        warps = SHARE * (rounds ? OWNERS : min(OWNERS, slots));
                     }
                     if (waits) barrier_wait(full + 8 * s, (k / SLOTS) & 1);
                     if constexpr (MATH) {
@@ -303,47 +308,47 @@ __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_cons
                 }
                 if (unit >= 0) flush();
             } else {
-            float part[2][4] = {};
-            for (int slot = run.x; slot < run.y; slot++, k++) {
-                const int s = k % SLOTS;
-                if (waits) barrier_wait(full + 8 * s, (k / SLOTS) & 1);
-                if constexpr (MATH) {
-                    const uint32_t* words = smem + s * SLOT_WORDS + 32 * warp + lane;
+                float part[2][4] = {};
+                for (int slot = run.x; slot < run.y; slot++, k++) {
+                    const int s = k % SLOTS;
+                    if (waits) barrier_wait(full + 8 * s, (k / SLOTS) & 1);
+                    if constexpr (MATH) {
+                        const uint32_t* words = smem + s * SLOT_WORDS + 32 * warp + lane;
 #pragma unroll
-                    for (int c = 0; c < SLOT_ROWS / 4; c++) {  // chunks of 4 word rows: 32 rows of 4-bit codes
-                        const int j = (slot % per_column * 2 + c) * 16;
-                        const uint32_t b[4] = {pair(j + t), pair(j + 4 + t), pair(j + 8 + t), pair(j + 12 + t)};
-                        uint32_t q[4], a[16];
+                        for (int c = 0; c < SLOT_ROWS / 4; c++) {  // chunks of 4 word rows: 32 rows of 4-bit codes
+                            const int j = (slot % per_column * 2 + c) * 16;
+                            const uint32_t b[4] = {pair(j + t), pair(j + 4 + t), pair(j + 8 + t), pair(j + 12 + t)};
+                            uint32_t q[4], a[16];
 #pragma unroll
-                        for (int i = 0; i < 4; i++) q[i] = words[(4 * c + i) * COLS];
-                        for_pairs<4, 32>(q, [&](auto i, uint32_t raw, auto S) {
-                            a[i] = centred<4, false, i, S>(raw, group);
-                        });
+                            for (int i = 0; i < 4; i++) q[i] = words[(4 * c + i) * COLS];
+                            for_pairs<4, 32>(q, [&](auto i, uint32_t raw, auto S) {
+                                a[i] = centred<4, false, i, S>(raw, group);
+                            });
 #pragma unroll
-                        for (int e = 0; e < 2; e++) {
-                            mma(part[0], a + 8 * e, b[2 * e], b[2 * e + 1]);
-                            mma(part[1], a + 8 * e + 4, b[2 * e], b[2 * e + 1]);
+                            for (int e = 0; e < 2; e++) {
+                                mma(part[0], a + 8 * e, b[2 * e], b[2 * e + 1]);
+                                mma(part[1], a + 8 * e + 4, b[2 * e], b[2 * e + 1]);
+                            }
                         }
+                    } else {
+                        acc ^= smem[s * SLOT_WORDS + threadIdx.x];
                     }
-                } else {
-                    acc ^= smem[s * SLOT_WORDS + threadIdx.x];
+                    __syncwarp();
+                    if (lane == 0 && waits) barrier_arrive(empty + 8 * s);
+                    if (slot + 1 == run.y || (slot + 1) % per_column == 0) {  // this column block's split sums
+                        float* y = sums + pr.dst[p] + slot / per_column * COLS + 32 * warp + 4 * (lane / 4);
+                        if (t == 0)
+#pragma unroll
+                            for (int h = 0; h < 2; h++) {
+                                atomicAdd(y + 2 * h, part[h][0] * scale);
+                                atomicAdd(y + 2 * h + 1, part[h][2] * scale);
+                            }
+#pragma unroll
+                        for (int h = 0; h < 2; h++)
+#pragma unroll
+                            for (int i = 0; i < 4; i++) part[h][i] = 0.f;
+                    }
                 }
-                __syncwarp();
-                if (lane == 0 && waits) barrier_arrive(empty + 8 * s);
-                if (slot + 1 == run.y || (slot + 1) % per_column == 0) {  // this column block's split sums
-                    float* y = sums + pr.dst[p] + slot / per_column * COLS + 32 * warp + 4 * (lane / 4);
-                    if (t == 0)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            atomicAdd(y + 2 * h, part[h][0] * scale);
-                            atomicAdd(y + 2 * h + 1, part[h][2] * scale);
-                        }
-#pragma unroll
-                    for (int h = 0; h < 2; h++)
-#pragma unroll
-                        for (int i = 0; i < 4; i++) part[h][i] = 0.f;
-                }
-            }
             }
         }
         stamp(3);
@@ -365,8 +370,8 @@ template <int SHARE>
 auto pick(int64_t math, int64_t x) { return math ? pick<true, SHARE>(x) : pick<false, SHARE>(x); }
 
 void run(torch::Tensor program, torch::Tensor w, torch::Tensor sums, int64_t zero_from, torch::Tensor sync,
-         torch::Tensor scratch, torch::Tensor cut, int64_t rounds, int64_t math, int64_t barriers, int64_t x, int64_t probe, int64_t share,
-         torch::Tensor stamps, torch::Tensor sink) {
+         torch::Tensor scratch, torch::Tensor cut, int64_t rounds, int64_t math, int64_t barriers, int64_t x,
+         int64_t probe, int64_t share, torch::Tensor stamps, torch::Tensor sink) {
     Program pr;
     TORCH_CHECK(program.numel() * 4 == sizeof(Program), "persist_step: the program is not ", sizeof(Program), " bytes");
     std::memcpy(&pr, program.data_ptr(), sizeof(Program));
@@ -423,9 +428,9 @@ def program(reads=4):
 
 def main():
     ext = load_inline("exlcore_persist_step", cpp_sources="void run(torch::Tensor program, torch::Tensor w, "
-                      "torch::Tensor sums, int64_t zero_from, torch::Tensor sync, torch::Tensor scratch, torch::Tensor cut, int64_t rounds, "
-                      "int64_t math, "
-                      "int64_t barriers, int64_t x, int64_t probe, int64_t share, torch::Tensor stamps, torch::Tensor sink);",
+                      "torch::Tensor sums, int64_t zero_from, torch::Tensor sync, torch::Tensor scratch, "
+                      "torch::Tensor cut, int64_t rounds, int64_t math, int64_t barriers, int64_t x, int64_t probe, "
+                      "int64_t share, torch::Tensor stamps, torch::Tensor sink);",
                       cuda_sources=SOURCE, functions=["run"],
                       extra_include_paths=[str(HERE), str(HERE.parent / "exlcore" / "csrc")],
                       extra_cuda_cflags=["-O3", "-arch=sm_90", "--expt-relaxed-constexpr", "-std=c++17"])
@@ -456,7 +461,8 @@ def main():
         t = graph_time(lambda: run(share, x, math, barriers, probe, cut, phases=phases))
         rate = f"{words * 4 / t / 1e12:.2f} | {words * 4 / t / COPY_BANDWIDTH:.0%} |"
         print(f"| {shares[share]} | {name} | {stagings[x]} | {'yes' if math else 'no'} | "
-              f"{('none', 'grid', 'grid, before norms only')[barriers]} | {probes[probe]} | {t * 1e6:.0f} | {rate}", flush=True)
+              f"{('none', 'grid', 'grid, before norms only')[barriers]} | {probes[probe]} | {t * 1e6:.0f} | {rate}",
+              flush=True)
 
     matmuls = torch.ones(count, dtype=torch.bool)
     matmuls[1:count - 1:5] = False
@@ -499,10 +505,13 @@ def main():
     # by it
     a, b = timeline(1, equal)[:, matmuls, 2], timeline(1, equal)[:, matmuls, 2]
     rate = (1 / a.sum(1)) / (1 / a.sum(1)).mean()
-    def corr(u, v): return torch.corrcoef(torch.stack([u.flatten(), v.flatten()]))[0, 1].item()
+
+    def corr(u, v):
+        return torch.corrcoef(torch.stack([u.flatten(), v.flatten()]))[0, 1].item()
+
     print(f"\nBlocks' rates over a step (a warp each, equal shares): {rate.min():.3f} to {rate.max():.3f} of the mean;"
-          f" correlation between two steps {corr(a.sum(1), b.sum(1)):.2f}; of each block's time in each phase, less the "
-          f"phase's mean, {corr(a - a.mean(0), b - b.mean(0)):.2f}\n")
+          f" correlation between two steps {corr(a.sum(1), b.sum(1)):.2f}; of each block's time in each phase, less "
+          f"the phase's mean, {corr(a - a.mean(0), b - b.mean(0)):.2f}\n")
     cut = weighted(equal, a)
     timed(1, 1, 1, 1, 0, cut, "weighted")
     timed(1, 0, 0, 1, 0, cut, "weighted")
