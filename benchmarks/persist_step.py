@@ -17,7 +17,8 @@ How the consumers share a slot: all eight warps take a 32-column tile of every s
 pair of warps) owns every eighth slot whole. How the blocks share a phase: equal runs of slots, runs weighted by
 each block's measured rate, or rounds of 8 slots dealt out in turn so each block's bytes spread over the phase's.
 
-The first table takes the step apart: x staged by loads or not at all; the arithmetic on or off; a grid barrier after
+The first table takes the step apart: x staged by loads or not at all; the arithmetic off, as the decode kernel does
+it, or on raw codes with the centring left to a constant at the end (fewer instructions a slot); a grid barrier after
 every phase, only before the normed matmuls (what a step would wait for if its other dependencies were free), or none;
 the consumers alone (no stream); attention twice as long. Then whether a block's rate is its own from step to
 step, and a timeline of each phase from %globaltimer stamps.
@@ -55,6 +56,11 @@ enum Kind { NORMED, PLAIN, GATED };  // x: the sums before RMS-normed (q/k/v, ga
                                      // silu(gate) * up (down)
 enum Staging { NONE, LOADS };  // x left as it is (wrong values), or read by the consumers' loads into fp16
 enum Barriers { NO_BARRIERS, EVERY, NORMS };
+// The arithmetic: none (the slot read, wrong values); codes centred as the decode kernel does (an fma a pair); or
+// (owned slots) the raw 1024 + (code << S) multiplied as they are, the pairs of each mma fragment chosen with one S,
+// and x / 16 for the S = 4 ones, so that what is left is 1024 + zero (or 64 + zero) times x's sum over the rows: a
+// constant a column block, not applied here (wrong values, by that constant)
+enum Math { NO_MATH, CENTRED, RAW };
 enum Probe { FULL, NO_STREAM };  // the step; or the consumers alone, taking whatever the ring holds without waiting
                                  // for it (their own speed)
 
@@ -122,7 +128,7 @@ struct Cursor {
 };
 
 // Consumer warps (CONSUMERS<SHARE>) and a producer warp.
-template <bool MATH, int X, int SHARE>
+template <int MATH, int X, int SHARE>
 __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_constant__ Program pr,
                                                                const uint32_t* __restrict__ w, float* sums,
                                                                unsigned* sync, const int* scratch, const int* cut,
@@ -279,24 +285,37 @@ __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_cons
                         warps = SHARE * (rounds ? OWNERS : min(OWNERS, slots));
                     }
                     if (waits) barrier_wait(full + 8 * s, (k / SLOTS) & 1);
-                    if constexpr (MATH) {
+                    if constexpr (MATH != NO_MATH) {
                         const uint4* words = reinterpret_cast<const uint4*>(smem + s * SLOT_WORDS) + lane;
 #pragma unroll
                         for (int c = 0; c < SLOT_ROWS / 4; c++) {
                             const int j = (at * 2 + c) * 16;
                             const uint32_t b[4] = {pair(j + t), pair(j + 4 + t), pair(j + 8 + t), pair(j + 12 + t)};
+                            uint32_t b16[4];  // RAW: x / 16, exactly, for the pairs at S = 4
+#pragma unroll
+                            for (int i = 0; i < 4; i++)
+                                b16[i] = bits_of(__hmul2(as_half2(b[i]), __float2half2_rn(1.f / 16)));
 #pragma unroll
                             for (int tile = 0; tile < TILES; tile++) {  // a lane's 4 words of a tile's chunk: one load
                                 const uint4 v = words[((tile0 + tile) * 2 + c) * 32];
                                 const uint32_t q[4] = {v.x, v.y, v.z, v.w};
                                 uint32_t a[16];
                                 for_pairs<4, 32>(q, [&](auto i, uint32_t raw, auto S) {
-                                    a[i] = centred<4, false, i, S>(raw, group);
+                                    if constexpr (MATH == RAW) a[i] = raw;
+                                    else a[i] = centred<4, false, i, S>(raw, group);
                                 });
 #pragma unroll
                                 for (int e = 0; e < 2; e++) {
-                                    mma(part[tile][0], a + 8 * e, b[2 * e], b[2 * e + 1]);
-                                    mma(part[tile][1], a + 8 * e + 4, b[2 * e], b[2 * e + 1]);
+                                    if constexpr (MATH == RAW) {  // even pairs at S = 0, odd ones at S = 4
+                                        const uint32_t even[4] = {a[8 * e], a[8 * e + 2], a[8 * e + 4], a[8 * e + 6]},
+                                                       odd[4] = {a[8 * e + 1], a[8 * e + 3], a[8 * e + 5],
+                                                                 a[8 * e + 7]};
+                                        mma(part[tile][0], even, b[2 * e], b[2 * e + 1]);
+                                        mma(part[tile][1], odd, b16[2 * e], b16[2 * e + 1]);
+                                    } else {
+                                        mma(part[tile][0], a + 8 * e, b[2 * e], b[2 * e + 1]);
+                                        mma(part[tile][1], a + 8 * e + 4, b[2 * e], b[2 * e + 1]);
+                                    }
                                 }
                             }
                         }
@@ -312,7 +331,7 @@ __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_cons
                 for (int slot = run.x; slot < run.y; slot++, k++) {
                     const int s = k % SLOTS;
                     if (waits) barrier_wait(full + 8 * s, (k / SLOTS) & 1);
-                    if constexpr (MATH) {
+                    if constexpr (MATH != NO_MATH) {  // centred
                         const uint32_t* words = smem + s * SLOT_WORDS + 32 * warp + lane;
 #pragma unroll
                         for (int c = 0; c < SLOT_ROWS / 4; c++) {  // chunks of 4 word rows: 32 rows of 4-bit codes
@@ -361,13 +380,18 @@ __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_cons
     if (acc == 0x7fffffffu) sink[0] = int(acc);
 }
 
-template <bool MATH, int SHARE>
+template <int MATH, int SHARE>
 auto pick(int64_t x) {
     return x == LOADS ? step<MATH, LOADS, SHARE> : step<MATH, NONE, SHARE>;
 }
 
 template <int SHARE>
-auto pick(int64_t math, int64_t x) { return math ? pick<true, SHARE>(x) : pick<false, SHARE>(x); }
+auto pick(int64_t math, int64_t x) {
+    if constexpr (SHARE == 1)
+        if (math == RAW) return pick<RAW, SHARE>(x);
+    TORCH_CHECK(math != RAW, "persist_step: raw codes are for slots owned by one warp");
+    return math ? pick<CENTRED, SHARE>(x) : pick<NO_MATH, SHARE>(x);
+}
 
 void run(torch::Tensor program, torch::Tensor w, torch::Tensor sums, int64_t zero_from, torch::Tensor sync,
          torch::Tensor scratch, torch::Tensor cut, int64_t rounds, int64_t math, int64_t barriers, int64_t x,
@@ -460,7 +484,7 @@ def main():
     def timed(share, x, math, barriers, probe, cut, name, phases=prog):
         t = graph_time(lambda: run(share, x, math, barriers, probe, cut, phases=phases))
         rate = f"{words * 4 / t / 1e12:.2f} | {words * 4 / t / COPY_BANDWIDTH:.0%} |"
-        print(f"| {shares[share]} | {name} | {stagings[x]} | {'yes' if math else 'no'} | "
+        print(f"| {shares[share]} | {name} | {stagings[x]} | {('no', 'centred', 'raw codes')[math]} | "
               f"{('none', 'grid', 'grid, before norms only')[barriers]} | {probes[probe]} | {t * 1e6:.0f} | {rate}",
               flush=True)
 
@@ -495,8 +519,11 @@ def main():
     timed(2, 1, 1, 1, 0, equal, "equal")
     for share in (0, 1):
         timed(share, 1, 1, 2, 0, equal, "equal")
+    timed(1, 0, 2, 0, 1, equal, "equal")
+    for barriers in (0, 1, 2):
+        timed(1, 1, 2, barriers, 0, equal, "equal")
     slow = program(reads=8)[0]  # attention as long as the decode kernel's (about 6 us a layer, not 3)
-    for x, math, barriers in ((0, 0, 0), (1, 1, 0), (1, 1, 1)):
+    for x, math, barriers in ((0, 0, 0), (1, 1, 0), (1, 1, 1), (1, 2, 0), (1, 2, 1), (1, 2, 2)):
         timed(1, x, math, barriers, 0, equal, "equal, attention 8 reads", slow)
     for x, math, barriers in ((0, 0, 1), (1, 1, 0), (1, 1, 1)):
         timed(1, x, math, barriers, 0, ROUNDS, ROUNDS)
