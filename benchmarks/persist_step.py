@@ -538,11 +538,10 @@ void run(torch::Tensor program, torch::Tensor w, torch::Tensor sums, int64_t zer
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, threads, shared);
     TORCH_CHECK(per_sm >= 1, "persist_step: a block does not fit on an SM");
     auto* at = stamps.numel() ? reinterpret_cast<unsigned long long*>(stamps.data_ptr<int64_t>()) : nullptr;
-    k<<<sms, threads, shared, s>>>(pr, reinterpret_cast<const uint32_t*>(w.data_ptr<int>()),
-                                        sums.data_ptr<float>(), reinterpret_cast<unsigned*>(sync.data_ptr<int>()),
-                                        scratch.data_ptr<int>(), cut.data_ptr<int>(), need.data_ptr<int>(), rounds,
-                                        barriers, probe, at,
-                                        sink.data_ptr<int>());
+    k<<<sms, threads, shared, s>>>(pr, reinterpret_cast<const uint32_t*>(w.data_ptr<int>()), sums.data_ptr<float>(),
+                                   reinterpret_cast<unsigned*>(sync.data_ptr<int>()), scratch.data_ptr<int>(),
+                                   cut.data_ptr<int>(), need.data_ptr<int>(), rounds, barriers, probe, at,
+                                   sink.data_ptr<int>());
 }
 """
 MAX_PHASES, SLOT_WORDS = 192, 2048
@@ -564,8 +563,8 @@ def program(reads=4):
     words, src, dst, blocks = 0, 0, h, 0
     for p, (rows, cols, reads, kind) in enumerate(phases):
         at = p % 5 if p < len(phases) - 1 else -1  # its place in a layer (-1: the head)
-        prev = {-1: p - 1, 0: p - 1, 1: p - 1, 2: p - 2, 3: p - 1, 4: p - 1}[at]  # o's x is q/k/v's sums
-        norm = p - 2 if at == 1 else p - 2 if at == 4 else -1  # attention: the down before q/k/v; down: o
+        prev = p - 2 if at == 2 else p - 1  # o's x is q/k/v's sums (attention's stand-in writes none)
+        norm = p - 2 if at in (1, 4) else -1  # attention: the down before q/k/v; down: o
         layer = p // 5 if at in (1, 2) else -1
         for f, v in zip(fields, (words, src, dst, rows, cols, reads, kind, prev, norm, blocks, layer)):
             fields[f].append(v)
@@ -596,8 +595,7 @@ def main():
     ext = load_inline("exlcore_persist_step", cpp_sources="void run(torch::Tensor program, torch::Tensor w, "
                       "torch::Tensor sums, int64_t zero_from, torch::Tensor sync, torch::Tensor scratch, "
                       "torch::Tensor cut, torch::Tensor need, int64_t rounds, int64_t math, int64_t barriers, "
-                      "int64_t x, int64_t probe, "
-                      "int64_t share, torch::Tensor stamps, torch::Tensor sink);",
+                      "int64_t x, int64_t probe, int64_t share, torch::Tensor stamps, torch::Tensor sink);",
                       cuda_sources=SOURCE, functions=["run"],
                       extra_include_paths=[str(HERE), str(HERE.parent / "exlcore" / "csrc")],
                       extra_cuda_cflags=["-O3", "-arch=sm_90", "--expt-relaxed-constexpr", "-std=c++17"])
