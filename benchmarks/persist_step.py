@@ -186,7 +186,7 @@ struct Cursor {
 template <int MATH, int X, int SHARE>
 __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_constant__ Program pr,
                                                                const uint32_t* __restrict__ w, float* sums,
-                                                               unsigned* sync, const int* scratch, const int* cut,
+                                                               unsigned* counters, const int* scratch, const int* cut,
                                                                const int* need, bool rounds, int barriers,
                                                                int probe, unsigned long long* stamps, int* sink) {
     extern __shared__ __align__(128) uint32_t smem[];
@@ -226,6 +226,7 @@ __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_cons
     half2* xs = reinterpret_cast<half2*>(smem + SLOTS * SLOT_WORDS);  // x in fp16
     const GroupRaw group{};  // EXL2's centring offset is a constant; one scale for all groups, so that sums stay near 1
     unsigned acc = threadIdx.x;
+    const bool deps = barriers == DEPS;
     for (int p = 0, k = 0, passed = 0; p < pr.count; p++) {
         auto stamp = [&](int i) {  // thread 0's time at point i of phase p, if asked for
             if (stamps && threadIdx.x == 0) {
@@ -235,8 +236,6 @@ __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_cons
             }
         };
         stamp(0);
-        const bool deps = barriers == DEPS;
-        unsigned* counters = sync;
         // column blocks of phase q's sums holding floats from .. to
         auto add_blocks = [&](Waits& list, int q, int from, int to) {
             for (int cb = from / COLS; cb <= (to - 1) / COLS; cb++)
@@ -385,7 +384,10 @@ __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_cons
                     blocks_before = __shfl_sync(0xFFFFFFFFu, blocks_before, 0);
                     if (blocks_before + 1 != unsigned(need[pr.first[p] + column_block])) return;
                     float squares = 0.f;
-                    for (int c = lane; c < COLS; c += 32) squares += __ldcg(y + c) * __ldcg(y + c);
+                    for (int c = lane; c < COLS; c += 32) {
+                        const float value = __ldcg(y + c);
+                        squares += value * value;
+                    }
 #pragma unroll
                     for (int o = 16; o; o /= 2) squares += __shfl_xor_sync(0xFFFFFFFFu, squares, o);
                     if (lane == 0) {
@@ -413,9 +415,10 @@ __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_cons
                             const int j = (at * 2 + c) * 16;
                             const uint32_t b[4] = {pair(j + t), pair(j + 4 + t), pair(j + 8 + t), pair(j + 12 + t)};
                             uint32_t b16[4];  // RAW: x / 16, exactly, for the pairs at S = 4
+                            if constexpr (MATH == RAW)
 #pragma unroll
-                            for (int i = 0; i < 4; i++)
-                                b16[i] = bits_of(__hmul2(as_half2(b[i]), __float2half2_rn(1.f / 16)));
+                                for (int i = 0; i < 4; i++)
+                                    b16[i] = bits_of(__hmul2(as_half2(b[i]), __float2half2_rn(1.f / 16)));
 #pragma unroll
                             for (int tile = 0; tile < TILES; tile++) {  // a lane's 4 words of a tile's chunk: one load
                                 const uint4 v = words[((tile0 + tile) * 2 + c) * 32];
@@ -495,7 +498,7 @@ __global__ void __launch_bounds__(THREADS<SHARE> + 32, 1) step(const __grid_cons
         // A barrier after every phase; or only where the next one needs all of x (a normed matmul), as a step whose
         // other dependencies were free would
         if (barriers == EVERY || (barriers == NORMS && p + 1 < pr.count && pr.kind[p + 1] == NORMED && pr.rows[p + 1]))
-            grid_barrier<THREADS>(sync, ++passed * gridDim.x);
+            grid_barrier<THREADS>(counters, ++passed * gridDim.x);
         stamp(4);
     }
     if (acc == 0x7fffffffu) sink[0] = int(acc);
